@@ -1,4 +1,4 @@
-"""Canonical error codes, their retry/fallback policy, and the error value every provider maps to."""
+"""Canonical error codes, their retry and fallback policy, and the error every provider maps to."""
 
 from __future__ import annotations
 

@@ -22,7 +22,9 @@ SCHEMA_VERSION = 1
 Role = Literal["system", "user", "assistant", "tool"]
 Preference = Literal["cost", "latency", "reliability", "balanced"]
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/\-]+$")]
-ProviderName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._\-]*$")]
+ProviderName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._\-]*$")
+]
 
 #: Outcomes a simulated provider understands besides the canonical error codes.
 SIMULATED_OUTCOMES = frozenset({"ok", "hang", "duplicate"})
@@ -75,7 +77,7 @@ class Simulate(Message):
 class JobRequest(Message):
     """A canonical prompt job, as producers put it on `cp.intake` or POST it."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     type: Literal["job"] = "job"
     request_id: Identifier
     tenant_id: Identifier | None = None
@@ -100,7 +102,7 @@ class JobRequest(Message):
 class CancelRequest(Message):
     """Cancel a job, by job_id or by the client's request_id."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     type: Literal["cancel"] = "cancel"
     tenant_id: Identifier | None = None
     job_id: Identifier | None = None
@@ -129,7 +131,7 @@ class Output(Message):
 class Dispatch(Message):
     """One attempt of a job, sent to exactly one provider queue."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     type: Literal["dispatch"] = "dispatch"
     job_id: str
     attempt_id: str
@@ -148,7 +150,7 @@ class Dispatch(Message):
 class ProviderCancel(Message):
     """Tells a provider queue to drop an attempt that is no longer wanted."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     type: Literal["cancel"] = "cancel"
     job_id: str
     attempt_id: str
@@ -170,7 +172,7 @@ class RawProviderError(Message):
 class ProviderResult(Message):
     """An event from a provider worker about one attempt."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     type: Literal["started", "completed", "failed"]
     event_id: str
     job_id: str
@@ -202,7 +204,7 @@ class JobCost(Message):
 class FinalResponse(Message):
     """The one normalized answer of a job, identical in shape whatever the provider."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     job_id: str
     request_id: str
     tenant_id: str
@@ -222,7 +224,7 @@ class FinalResponse(Message):
 class JobEvent(Message):
     """One immutable entry of a job's timeline."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     job_id: str
     tenant_id: str
     seq: int = Field(ge=1)
@@ -236,7 +238,7 @@ class JobEvent(Message):
 class DeadLetter(Message):
     """A record no agent could parse or apply, with why and where it came from."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     reason: str
     detail: str
     topic: str

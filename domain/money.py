@@ -9,7 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 
 def _to_decimal(value: Any) -> Decimal:
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise ValueError("money amounts are decimal strings, not floats")
     if isinstance(value, Decimal):
         result = value
@@ -54,7 +54,7 @@ class TokenPrices(BaseModel):
 
 
 class Cost(BaseModel):
-    """What an attempt or a job cost: `amount` is None only when no price is known (see `reason`)."""
+    """What an attempt or a job cost; `amount` is None only when no price is known (see reason)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -1,0 +1,1 @@
+"""The faust application: topics, agents and the worker entry points."""

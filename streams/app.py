@@ -1,0 +1,58 @@
+"""The control-plane faust application; `faust -A streams.app worker` starts a worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+from streams.settings import Settings, get_settings
+from streams.topology import Topology, load_topology
+
+
+def rocksdb_options(settings: Settings) -> dict[str, Any]:
+    """Size RocksDB for a few-GiB worker instead of its server defaults (2 GiB cache per table)."""
+    mib = 1024 * 1024
+    return {
+        "block_cache_size": settings.rocksdb_block_cache_mb * mib,
+        "block_cache_compressed_size": 0,
+        "write_buffer_size": settings.rocksdb_write_buffer_mb * mib,
+        "max_write_buffer_number": 2,
+        "target_file_size_base": 16 * mib,
+        "max_open_files": 256,
+    }
+
+
+def create_app(settings: Settings, topology: Topology) -> faust.App:
+    """Build the faust app from settings, with the unauthenticated table and router pages off."""
+    return faust.App(
+        settings.app_id,
+        broker=[
+            f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")
+        ],
+        store=settings.store,
+        datadir=str(settings.data_dir),
+        autodiscover=False,
+        processing_guarantee=settings.processing_guarantee,
+        topic_partitions=topology.job_partitions(),
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        web_enabled=True,
+        web_host=settings.web_host,
+        web_bind=settings.web_host,
+        web_port=settings.web_port,
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        table_standby_replicas=0,
+        producer_max_request_size=2 * 1024 * 1024,
+        consumer_auto_offset_reset="earliest",
+    )
+
+
+settings = get_settings()
+topology = load_topology(settings.topics_file)
+app = create_app(settings, topology)

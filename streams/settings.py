@@ -1,0 +1,54 @@
+"""Typed, frozen settings read once from the environment (prefix CP_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a worker; each has an env var, a default and a line in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="CP_", frozen=True, extra="ignore")
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("CP_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    app_id: str = "prompt-gateway-cp"
+    topic_prefix: str = ""
+    topics_file: Path = Path("topics.yaml")
+    catalogue_file: Path = Path("config/catalogue.yaml")
+    policy_file: Path = Path("config/policy.yaml")
+    store: str = "rocksdb://"
+    data_dir: Path = Path("var/workers/cp-1")
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    broker_session_timeout_s: float = 10.0
+    broker_heartbeat_interval_s: float = 3.0
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    rocksdb_block_cache_mb: int = 16
+    rocksdb_write_buffer_mb: int = 4
+    timer_interval_s: float = 0.25
+    provider_concurrency: int = 64
+    provider_group_id: str = "prompt-gateway-providers"
+    provider_timeout_s: float = 60.0
+    max_request_bytes: int = 900_000
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    def topic(self, name: str) -> str:
+        """Return the real topic name of a logical name from topics.yaml."""
+        return self.topic_prefix + name.replace("{app_id}", self.app_id)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read settings once per process."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Helpers shared by the test tiers: the broker, worker processes, Kafka clients."""
