@@ -1,0 +1,60 @@
+"""Commands of the job agent: every input about a job, re-keyed by job_id onto one topic."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from domain.messages import JobRequest, ProviderResult, TraceContext
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = 1
+    command_id: str = Field(min_length=1, max_length=256)
+    job_id: str
+    at: AwareDatetime
+
+
+class CreateJob(_Command):
+    """A validated request accepted from intake or HTTP."""
+
+    kind: Literal["create"] = "create"
+    tenant_id: str
+    fingerprint: str
+    request: JobRequest
+    trace: TraceContext = Field(default_factory=TraceContext)
+    source: str = "kafka"
+
+
+class RecordResult(_Command):
+    """A provider result event, re-keyed by job_id."""
+
+    kind: Literal["result"] = "result"
+    result: ProviderResult
+
+
+class Tick(_Command):
+    """A timer fired for this job: deadlines, backoff and attempt timeouts are checked at `at`."""
+
+    kind: Literal["tick"] = "tick"
+
+
+class CancelJob(_Command):
+    kind: Literal["cancel"] = "cancel"
+    tenant_id: str | None = None
+    reason: str = "cancelled by client"
+
+
+class MarkPublished(_Command):
+    """The outbox entries named here reached Kafka; drop them from the job's outbox."""
+
+    kind: Literal["published"] = "published"
+    entry_ids: list[str]
+
+
+Command = Annotated[
+    CreateJob | RecordResult | Tick | CancelJob | MarkPublished, Field(discriminator="kind")
+]

@@ -1,0 +1,617 @@
+"""The job agent's one decision: `decide(job, command, context) -> Decision`.
+
+Pure and deterministic: the time of every transition is the command's `at`, never the clock. A
+repeated command changes nothing; an illegal or late command is recorded as a no-op, never raised.
+Effects (dispatch, provider cancel, timeline events, final response) are outbox entries written in
+the same new state as the transition; the agent publishes them and marks them published later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from domain.catalogue import Catalogue
+from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
+from domain.errors import CanonicalError, ErrorCode, canonical_error
+from domain.health import ProviderHealth, effective_circuit
+from domain.ids import attempt_id_for, idempotency_key
+from domain.job import MAX_IGNORED_EVENTS, SEEN_COMMANDS, Attempt, Job, OutboxEntry, OutboxTopic
+from domain.lifecycle import AttemptStatus, JobStatus, can_transition
+from domain.messages import (
+    AttemptCost,
+    Dispatch,
+    FinalResponse,
+    JobCost,
+    JobEvent,
+    Output,
+    ProviderCancel,
+    ProviderResult,
+)
+from domain.policy import RoutingPolicy
+from domain.pricing import price_usage, total_cost
+from domain.provider_errors import map_provider_error
+from domain.routing import RoutingDecision, Target, route
+from domain.usage import normalize_usage
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a decision may look at besides the job and the command."""
+
+    catalogue: Catalogue
+    policy: RoutingPolicy
+    health: Mapping[str, ProviderHealth] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """An attempt outcome the agent folds into provider health."""
+
+    provider: str
+    ok: bool
+    latency_ms: int | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    job: Job | None
+    outcome: str
+    publish: tuple[OutboxEntry, ...] = ()
+    dead_letter: tuple[str, str] | None = None
+    observations: tuple[Observation, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return self.outcome not in {"duplicate_command", "unknown_job", "noop"}
+
+
+class _Illegal(Exception):
+    """An attempted transition the table does not allow: the step becomes a recorded no-op."""
+
+
+class _Step:
+    """Accumulates one command's changes to a job; `freeze` yields the new state."""
+
+    def __init__(self, job: Job, at: datetime, ctx: Context) -> None:
+        self.job = job
+        self.at = at
+        self.ctx = ctx
+        self.entries: list[OutboxEntry] = []
+        self.observations: list[Observation] = []
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def update(self, **changes: Any) -> None:
+        self.job = self.job.model_copy(update=changes)
+
+    def transition(self, target: JobStatus) -> None:
+        if not can_transition(self.job.status, target):
+            raise _Illegal(f"{self.job.status} -> {target}")
+        times = dict(self.job.status_times)
+        times.setdefault(target.value, self.at)
+        self.update(status=target, status_times=times, updated_at=self.at)
+
+    def replace_attempt(self, attempt: Attempt) -> None:
+        attempts = [attempt if a.attempt_id == attempt.attempt_id else a for a in self.job.attempts]
+        self.update(attempts=attempts)
+
+    # -- effects -------------------------------------------------------------------------------
+
+    def outbox(
+        self,
+        entry_id: str,
+        topic: OutboxTopic,
+        payload: dict[str, Any],
+        provider: str | None = None,
+    ) -> None:
+        entry = OutboxEntry(
+            entry_id=entry_id, topic=topic, provider=provider, payload=payload, created_at=self.at
+        )
+        self.entries.append(entry)
+        self.update(outbox=[*self.job.outbox, entry])
+
+    def event(self, kind: str, *, attempt_id: str | None = None, **data: Any) -> None:
+        event = JobEvent(
+            job_id=self.job.job_id,
+            tenant_id=self.job.tenant_id,
+            seq=self.job.seq + 1,
+            type=kind,
+            at=self.at,
+            state=self.job.status.value,
+            attempt_id=attempt_id,
+            data=data,
+        )
+        self.update(events=[*self.job.events, event])
+        self.outbox(f"e{event.seq}", "events", event.model_dump(mode="json"))
+
+    def ignored(self, kind: str, *, attempt_id: str | None = None, **data: Any) -> None:
+        """Record a duplicate or late input in the timeline, up to a cap, then only count it."""
+        if self.job.ignored_events < MAX_IGNORED_EVENTS:
+            self.event(kind, attempt_id=attempt_id, **data)
+        self.update(ignored_events=self.job.ignored_events + 1)
+
+    # -- lifecycle steps -----------------------------------------------------------------------
+
+    def routed(self, decision: RoutingDecision, reason: str) -> Target | None:
+        self.update(decisions=[*self.job.decisions, decision], plan=list(decision.fallback_plan))
+        self.transition(JobStatus.ROUTED)
+        self.event(
+            "routed",
+            reason=reason,
+            chosen=decision.chosen.model_dump() if decision.chosen else None,
+            decision=decision.model_dump(mode="json"),
+        )
+        return decision.chosen
+
+    def dispatch(self, target: Target, *, reason: str) -> None:
+        policy = self.ctx.policy
+        spec = self.ctx.catalogue.provider(target.provider)
+        attempt_no = len(self.job.attempts) + 1
+        attempt_id = attempt_id_for(self.job.job_id, attempt_no)
+        on_provider = sum(1 for a in self.job.attempts if a.provider == target.provider) + 1
+        timeout = timedelta(milliseconds=policy.attempt_timeout_ms)
+        attempt = Attempt(
+            attempt_id=attempt_id,
+            attempt_no=attempt_no,
+            provider=target.provider,
+            model=target.model,
+            provider_kind=spec.kind if spec else "unknown",
+            provider_attempt_no=on_provider,
+            status=AttemptStatus.DISPATCHED,
+            dispatched_at=self.at,
+            timeout_at=self.at + timeout,
+        )
+        message = Dispatch(
+            job_id=self.job.job_id,
+            attempt_id=attempt_id,
+            attempt_no=attempt_no,
+            provider_attempt_no=on_provider,
+            tenant_id=self.job.tenant_id,
+            provider=target.provider,
+            model=target.model,
+            idempotency_key=idempotency_key(self.job.job_id, attempt_id),
+            request=self.job.request,
+            trace=self.job.trace,
+            dispatched_at=self.at,
+            timeout_ms=policy.attempt_timeout_ms,
+        )
+        self.update(attempts=[*self.job.attempts, attempt], retry_at=None, retry_target=None)
+        self.transition(JobStatus.DISPATCHED)
+        self.outbox(f"d-{attempt_id}", "dispatch", message.model_dump(mode="json"), target.provider)
+        self.event(
+            "dispatched",
+            attempt_id=attempt_id,
+            provider=target.provider,
+            model=target.model,
+            attempt_no=attempt_no,
+            provider_attempt_no=on_provider,
+            idempotency_key=message.idempotency_key,
+            reason=reason,
+        )
+
+    def cancel_live_attempt(self, reason: str) -> None:
+        current = self.job.current
+        if current is None or not current.status.live:
+            return
+        self.replace_attempt(
+            current.model_copy(update={"status": AttemptStatus.CANCELLED, "finished_at": self.at})
+        )
+        self.tell_provider_to_drop(current, reason)
+
+    def tell_provider_to_drop(self, attempt: Attempt, reason: str) -> None:
+        message = ProviderCancel(
+            job_id=self.job.job_id,
+            attempt_id=attempt.attempt_id,
+            idempotency_key=idempotency_key(self.job.job_id, attempt.attempt_id),
+            reason=reason,
+        )
+        self.outbox(
+            f"c-{attempt.attempt_id}",
+            "provider_cancel",
+            message.model_dump(mode="json"),
+            attempt.provider,
+        )
+
+    def finish(self, status: JobStatus, *, error: CanonicalError | None = None) -> None:
+        self.transition(status)
+        self.update(retry_at=None, retry_target=None)
+        final = self.final_response(error)
+        self.update(final=final)
+        kind = {
+            JobStatus.COMPLETED: "completed",
+            JobStatus.FAILED: "failed",
+            JobStatus.CANCELLED: "cancelled",
+            JobStatus.EXPIRED: "expired",
+        }[status]
+        current = self.job.current
+        data: dict[str, Any] = {"attempts": len(self.job.attempts)}
+        if error is not None:
+            data["error"] = error.model_dump(mode="json")
+        if final.cost.total is not None:
+            data["cost"] = final.cost.total.model_dump(mode="json")
+        self.event(kind, attempt_id=current.attempt_id if current else None, **data)
+        self.outbox("r", "responses", final.model_dump(mode="json"))
+
+    def final_response(self, error: CanonicalError | None) -> FinalResponse:
+        job = self.job
+        winner = next((a for a in job.attempts if a.status is AttemptStatus.COMPLETED), None)
+        last = winner or job.current
+        billed = [
+            AttemptCost(attempt_id=a.attempt_id, provider=a.provider, model=a.model, cost=a.cost)
+            for a in job.attempts
+            if a.cost is not None
+        ]
+        return FinalResponse(
+            job_id=job.job_id,
+            request_id=job.request_id,
+            tenant_id=job.tenant_id,
+            state=job.status.value,
+            output=winner.output if winner else None,
+            provider=last.provider if last else None,
+            model=last.model if last else None,
+            usage=winner.usage if winner else None,
+            cost=JobCost(total=total_cost([b.cost for b in billed]), attempts=billed),
+            error=error,
+            attempts=len(job.attempts),
+            created_at=job.created_at,
+            finished_at=self.at,
+            metadata=job.request.metadata,
+        )
+
+    def after_failure(self, attempt: Attempt, error: CanonicalError) -> None:
+        """Retry the same target, fall back to the next one, or fail the job."""
+        retry = self.ctx.policy.retry
+        action = self.ctx.policy.action_for(error.code)
+        used = len(self.job.attempts)
+        if used >= retry.max_attempts_per_job:
+            self.finish(JobStatus.FAILED, error=error)
+            return
+        on_target = sum(1 for a in self.job.attempts if a.provider == attempt.provider)
+        if action == "retry" and on_target < retry.max_attempts_per_provider:
+            delay_ms = retry.backoff_ms(
+                retry_no=on_target,
+                seed=f"{self.job.job_id}:{attempt.attempt_id}",
+                retry_after_s=error.retry_after_s,
+            )
+            retry_at = self.at + timedelta(milliseconds=delay_ms)
+            self.transition(JobStatus.RETRYING)
+            self.update(retry_at=retry_at, retry_target=attempt.target)
+            self.event(
+                "retried",
+                attempt_id=attempt.attempt_id,
+                provider=attempt.provider,
+                model=attempt.model,
+                delay_ms=delay_ms,
+                retry_at=retry_at.isoformat(),
+                reason=error.code.value,
+            )
+            return
+        if action in ("retry", "fallback"):
+            target, skipped = self.next_in_plan()
+            if target is not None:
+                self.transition(JobStatus.ROUTED)
+                self.event(
+                    "fallback",
+                    attempt_id=attempt.attempt_id,
+                    from_provider=attempt.provider,
+                    from_model=attempt.model,
+                    to_provider=target.provider,
+                    to_model=target.model,
+                    reason=error.code.value,
+                    skipped=skipped,
+                )
+                self.dispatch(target, reason=f"fallback after {error.code.value}")
+                return
+        self.finish(JobStatus.FAILED, error=error)
+
+    def next_in_plan(self) -> tuple[Target | None, list[dict[str, str]]]:
+        """Take the next fallback target whose circuit is not open; say which were skipped."""
+        plan = list(self.job.plan)
+        skipped: list[dict[str, str]] = []
+        while plan:
+            target = plan.pop(0)
+            health = self.ctx.health.get(target.provider)
+            circuit = (
+                effective_circuit(health, self.at, self.ctx.policy.circuit) if health else "closed"
+            )
+            if circuit == "open":
+                skipped.append({**target.model_dump(), "reason": "circuit_open"})
+                continue
+            self.update(plan=plan)
+            return target, skipped
+        self.update(plan=[])
+        return None, skipped
+
+
+# -- command handlers -----------------------------------------------------------------------------
+
+
+def decide(job: Job | None, command: Command, ctx: Context) -> Decision:
+    """Apply one command to a job's state and say what must be published."""
+    if job is not None and command.command_id in job.seen_commands:
+        return Decision(job=job, outcome="duplicate_command", publish=tuple(job.outbox))
+    if isinstance(command, CreateJob):
+        return _create(job, command, ctx)
+    if job is None and isinstance(command, Tick | MarkPublished):
+        return Decision(job=None, outcome="noop")
+    if (
+        isinstance(command, CancelJob)
+        and job is not None
+        and command.tenant_id
+        not in (
+            None,
+            job.tenant_id,
+        )
+    ):
+        job = None  # another tenant's job is indistinguishable from a missing one
+    if job is None:
+        return Decision(
+            job=None,
+            outcome="unknown_job",
+            dead_letter=("unknown_job", f"no job {command.job_id} for a {command.kind} command"),
+        )
+    if isinstance(command, MarkPublished):
+        return _mark_published(job, command)
+    step = _Step(job, command.at, ctx)
+    try:
+        if isinstance(command, RecordResult):
+            outcome = _result(step, command.result)
+        elif isinstance(command, Tick):
+            outcome = _tick(step)
+        else:
+            outcome = _cancel(step, command)
+    except _Illegal as exc:
+        step = _Step(job, command.at, ctx)
+        step.ignored("ignored", command=command.kind, reason=f"illegal transition {exc}")
+        outcome = "noop"
+    if not step.entries and outcome == "noop":
+        return Decision(job=job, outcome="noop")
+    if command.kind in ("result", "cancel"):
+        step.update(seen_commands=[*step.job.seen_commands, command.command_id][-SEEN_COMMANDS:])
+    return Decision(
+        job=step.job,
+        outcome=outcome,
+        publish=tuple(step.entries),
+        observations=tuple(step.observations),
+    )
+
+
+def _create(job: Job | None, command: CreateJob, ctx: Context) -> Decision:
+    if job is not None:
+        step = _Step(job, command.at, ctx)
+        if job.fingerprint != command.fingerprint:
+            step.ignored("conflict", request_id=command.request.request_id, source=command.source)
+            step.update(seen_commands=[*job.seen_commands, command.command_id][-SEEN_COMMANDS:])
+            return Decision(
+                job=step.job,
+                outcome="conflict",
+                publish=tuple(step.entries),
+                dead_letter=(
+                    "conflict",
+                    f"request_id {command.request.request_id!r} of tenant {command.tenant_id!r} "
+                    f"was already accepted as {job.job_id} with a different payload",
+                ),
+            )
+        step.ignored("duplicate_ignored", input="request", source=command.source)
+        step.update(seen_commands=[*job.seen_commands, command.command_id][-SEEN_COMMANDS:])
+        return Decision(
+            job=step.job, outcome="duplicate_request", publish=(*job.outbox, *step.entries)
+        )
+    request = command.request
+    deadline = (
+        command.at + timedelta(milliseconds=request.deadline_ms) if request.deadline_ms else None
+    )
+    job = Job(
+        job_id=command.job_id,
+        tenant_id=command.tenant_id,
+        request_id=request.request_id,
+        fingerprint=command.fingerprint,
+        request=request,
+        trace=command.trace,
+        status=JobStatus.CREATED,
+        created_at=command.at,
+        updated_at=command.at,
+        deadline_at=deadline,
+        status_times={JobStatus.CREATED.value: command.at},
+        seen_commands=[command.command_id],
+    )
+    step = _Step(job, command.at, ctx)
+    step.event("created", request_id=request.request_id, source=command.source)
+    decision = route(
+        request, catalogue=ctx.catalogue, policy=ctx.policy, health=ctx.health, now=command.at
+    )
+    if decision.chosen is None:
+        step.update(decisions=[decision])
+        step.event(
+            "routed", reason="initial", chosen=None, decision=decision.model_dump(mode="json")
+        )
+        reasons = sorted({e.reason_code for e in decision.excluded})
+        step.finish(
+            JobStatus.FAILED,
+            error=canonical_error(
+                ErrorCode.NO_ELIGIBLE_TARGET,
+                "no provider and model satisfies the request's constraints"
+                + (f" (excluded: {', '.join(reasons)})" if reasons else ""),
+            ),
+        )
+        return Decision(job=step.job, outcome="failed", publish=tuple(step.entries))
+    chosen = step.routed(decision, reason="initial")
+    assert chosen is not None
+    step.dispatch(chosen, reason="initial")
+    return Decision(job=step.job, outcome="created", publish=tuple(step.entries))
+
+
+def _mark_published(job: Job, command: MarkPublished) -> Decision:
+    done = set(command.entry_ids)
+    remaining = [entry for entry in job.outbox if entry.entry_id not in done]
+    if len(remaining) == len(job.outbox):
+        return Decision(job=job, outcome="noop")
+    return Decision(job=job.model_copy(update={"outbox": remaining}), outcome="published")
+
+
+def _result(step: _Step, result: ProviderResult) -> str:
+    job = step.job
+    attempt = job.attempt(result.attempt_id)
+    if attempt is None or attempt.provider != result.provider:
+        step.ignored(
+            "late_result",
+            attempt_id=result.attempt_id,
+            result=result.type,
+            provider=result.provider,
+            event_id=result.event_id,
+            reason="unknown attempt" if attempt is None else "provider does not match the attempt",
+        )
+        return "late_result"
+    if result.event_id in attempt.result_event_ids:
+        step.ignored(
+            "duplicate_ignored",
+            attempt_id=attempt.attempt_id,
+            result=result.type,
+            event_id=result.event_id,
+        )
+        return "duplicate_result"
+    attempt = attempt.model_copy(
+        update={"result_event_ids": [*attempt.result_event_ids, result.event_id][-16:]}
+    )
+    step.replace_attempt(attempt)
+    current = job.current
+    superseded = current is None or current.attempt_id != attempt.attempt_id
+    if superseded or job.terminal or not attempt.status.live:
+        step.ignored(
+            "late_result" if (superseded or job.terminal) else "duplicate_ignored",
+            attempt_id=attempt.attempt_id,
+            result=result.type,
+            provider=result.provider,
+            event_id=result.event_id,
+            attempt_state=attempt.status.value,
+            job_state=job.status.value,
+        )
+        return "late_result"
+    if result.type == "started":
+        if attempt.status is AttemptStatus.STARTED:
+            step.ignored("duplicate_ignored", attempt_id=attempt.attempt_id, result="started")
+            return "duplicate_result"
+        step.replace_attempt(
+            attempt.model_copy(update={"status": AttemptStatus.STARTED, "started_at": step.at})
+        )
+        if job.status is JobStatus.DISPATCHED:
+            step.transition(JobStatus.STARTED)
+        step.event("started", attempt_id=attempt.attempt_id, provider=attempt.provider)
+        return "started"
+    latency = result.latency_ms
+    if latency is None:
+        latency = int((step.at - attempt.dispatched_at).total_seconds() * 1000)
+    if result.type == "completed":
+        _complete(step, attempt, result, latency)
+        return "completed"
+    raw = result.error
+    if raw is None:
+        error = canonical_error(
+            ErrorCode.MALFORMED_RESPONSE, "provider reported a failure without an error"
+        )
+    else:
+        error = map_provider_error(raw, provider_kind=attempt.provider_kind, now=step.at)
+    _attempt_failed(step, attempt, error, AttemptStatus.FAILED, latency)
+    return "attempt_failed"
+
+
+def _complete(step: _Step, attempt: Attempt, result: ProviderResult, latency: int) -> None:
+    output = result.output or Output(text="", finish_reason=None)
+    usage = normalize_usage(
+        result.raw_usage,
+        shape=result.usage_shape,
+        prompt_text=step.job.request.prompt_text(),
+        output_text=output.text,
+    )
+    catalogue = step.ctx.catalogue
+    spec = catalogue.provider(attempt.provider)
+    model = catalogue.model(attempt.provider, attempt.model)
+    cost = price_usage(
+        usage,
+        provider=attempt.provider,
+        model=result.model or attempt.model,
+        catalogue_prices=model.prices if model else None,
+        genai_provider_id=spec.genai_provider_id if spec else None,
+        at=step.at,
+        catalogue_version=catalogue.version,
+    )
+    step.replace_attempt(
+        attempt.model_copy(
+            update={
+                "status": AttemptStatus.COMPLETED,
+                "finished_at": step.at,
+                "output": output,
+                "usage": usage,
+                "cost": cost,
+                "latency_ms": latency,
+            }
+        )
+    )
+    step.observations.append(Observation(attempt.provider, True, latency, step.at))
+    step.finish(JobStatus.COMPLETED)
+
+
+def _attempt_failed(
+    step: _Step, attempt: Attempt, error: CanonicalError, status: AttemptStatus, latency: int
+) -> None:
+    failed = attempt.model_copy(
+        update={"status": status, "finished_at": step.at, "error": error, "latency_ms": latency}
+    )
+    step.replace_attempt(failed)
+    step.observations.append(Observation(attempt.provider, False, latency, step.at))
+    step.event(
+        "attempt_failed",
+        attempt_id=attempt.attempt_id,
+        provider=attempt.provider,
+        model=attempt.model,
+        error=error.model_dump(mode="json"),
+    )
+    step.after_failure(failed, error)
+
+
+def _tick(step: _Step) -> str:
+    job = step.job
+    if job.terminal:
+        return "noop"
+    at = step.at
+    if job.deadline_at is not None and at >= job.deadline_at:
+        step.cancel_live_attempt("job deadline passed")
+        step.finish(
+            JobStatus.EXPIRED,
+            error=canonical_error(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"job not final within its deadline of {job.request.deadline_ms} ms",
+            ),
+        )
+        return "expired"
+    current = job.current
+    if job.status is JobStatus.RETRYING and job.retry_at is not None and at >= job.retry_at:
+        target = job.retry_target or (current.target if current else None)
+        if target is None:
+            return "noop"
+        step.dispatch(target, reason="retry")
+        return "retry_dispatched"
+    if current is not None and current.status.live and at >= current.timeout_at:
+        step.tell_provider_to_drop(current, "attempt timed out")
+        timeout_ms = step.ctx.policy.attempt_timeout_ms
+        error = canonical_error(
+            ErrorCode.TIMEOUT, f"no answer from {current.provider} within {timeout_ms} ms"
+        )
+        latency = int((at - current.dispatched_at).total_seconds() * 1000)
+        _attempt_failed(step, current, error, AttemptStatus.TIMED_OUT, latency)
+        return "attempt_timed_out"
+    return "noop"
+
+
+def _cancel(step: _Step, command: CancelJob) -> str:
+    job = step.job
+    if job.terminal:
+        step.ignored("cancel_ignored", reason=command.reason, job_state=job.status.value)
+        return "cancel_ignored"
+    step.cancel_live_attempt(command.reason)
+    step.finish(JobStatus.CANCELLED, error=canonical_error(ErrorCode.CANCELLED, command.reason))
+    return "cancelled"

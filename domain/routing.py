@@ -1,0 +1,352 @@
+"""Pure routing: pick a (provider, model) target for a job and plan the fallbacks.
+
+Every (provider, model) of the catalogue is a candidate. Hard constraints exclude candidates, each
+with a machine `reason_code` and a human `reason` (the first failing check wins, in the order of
+`ReasonCode`). The eligible ones are scored in 0..1 per component:
+
+* cost: `cheapest / cost` over the candidates priced in the reference currency (the currency of
+  `max_cost` when given, else the most common one among eligible priced candidates, ties by name);
+  the cheapest scores 1, one twice as expensive 0.5. A zero cost scores 1 (and makes every priced
+  non-zero cost score 0). Unknown price or another currency scores 0.
+* latency: `fastest / latency` the same way, over expected latency (the provider's observed EWMA
+  when it has samples, else the model's `expected_latency_ms`).
+* reliability: `(1 - EWMA error rate)`, halved for a half-open circuit, divided by the best such
+  value among the candidates (all 0 when the best is 0).
+
+The score is the weighted mean `(wc*cost + wl*latency + wr*reliability) / (wc + wl + wr)` with the
+weights of the request's preference, rounded to 6 decimals; candidates are ranked by score
+descending, then by (provider, model) name. `chosen` is the best; `fallback_plan` lists the best
+model of each *other* provider in rank order (so every fallback really changes provider), cut so
+that 1 + len(plan) <= retry.max_attempts_per_job.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from decimal import Decimal, localcontext
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from domain.catalogue import Catalogue, ModelSpec, ProviderSpec
+from domain.health import ProviderHealth, effective_circuit
+from domain.messages import JobRequest, Preference
+from domain.money import Money, TokenPrices
+from domain.policy import RoutingPolicy
+from domain.usage import estimate_tokens
+
+#: Reliability multiplier of a half-open provider: allowed as a probe but ranked lower.
+HALF_OPEN_FACTOR = 0.5
+_MTOK = Decimal(1_000_000)
+
+ReasonCode = Literal[
+    "disabled",
+    "excluded",
+    "provider_not_allowed",
+    "provider_denied",
+    "capability_missing",
+    "output_limit",
+    "context_window",
+    "circuit_open",
+    "price_unknown",
+    "currency_mismatch",
+    "over_budget",
+    "too_slow",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Target(_Frozen):
+    """One (provider, model) an attempt can be sent to."""
+
+    provider: str
+    model: str
+
+
+class ScoreBreakdown(_Frozen):
+    """Normalized components (each 0..1) and their weighted mean."""
+
+    cost: float
+    latency: float
+    reliability: float
+    weighted: float
+
+
+class ScoredCandidate(_Frozen):
+    """An eligible target with its score and the estimates behind it."""
+
+    provider: str
+    model: str
+    score: float
+    breakdown: ScoreBreakdown
+    estimated_cost: Money | None
+    expected_latency_ms: int
+
+
+class ExcludedCandidate(_Frozen):
+    """A target ruled out by a hard constraint, with why."""
+
+    provider: str
+    model: str
+    reason_code: ReasonCode
+    reason: str
+
+
+class RoutingDecision(_Frozen):
+    """The full, replayable outcome of routing one job; `chosen` is None when nothing fits."""
+
+    policy_version: str
+    catalogue_version: str
+    preference: Preference
+    prompt_tokens_estimate: int
+    candidates: list[ScoredCandidate]
+    excluded: list[ExcludedCandidate]
+    health: dict[str, ProviderHealth]
+    chosen: Target | None
+    fallback_plan: list[Target]
+
+    def targets(self) -> list[Target]:
+        """Return the chosen target followed by the fallback plan."""
+        return ([] if self.chosen is None else [self.chosen]) + list(self.fallback_plan)
+
+
+class _Eligible(_Frozen):
+    provider: str
+    model: str
+    cost: Money | None
+    latency_ms: int
+    reliability: float
+
+
+def estimate_cost(prices: TokenPrices, *, prompt_tokens: int, max_output_tokens: int) -> Decimal:
+    """Estimate the worst-case cost of one attempt: uncached input plus the full output budget."""
+    with localcontext() as ctx:
+        ctx.prec = 34
+        total = prices.input_per_mtok * prompt_tokens + prices.output_per_mtok * max_output_tokens
+        return total / _MTOK
+
+
+def _expected_latency(model: ModelSpec, health: ProviderHealth | None) -> int:
+    if health is not None and health.samples > 0 and health.latency_ewma_ms is not None:
+        return round(health.latency_ewma_ms)
+    return model.expected_latency_ms
+
+
+def _check(
+    request: JobRequest,
+    provider: ProviderSpec,
+    model: ModelSpec,
+    *,
+    prompt_tokens: int,
+    policy: RoutingPolicy,
+    health: ProviderHealth | None,
+    now: datetime,
+    exclude: frozenset[tuple[str, str]],
+) -> tuple[ReasonCode, str] | _Eligible:
+    """Apply the hard constraints to one target: the first failing one, or the eligible values."""
+    constraints = request.constraints
+    if not provider.enabled:
+        return "disabled", f"provider {provider.name} is disabled in the catalogue"
+    if (provider.name, model.name) in exclude:
+        return "excluded", "excluded by the caller (already tried or failed)"
+    allow = constraints.providers.allow
+    if allow is not None and provider.name not in allow:
+        return "provider_not_allowed", f"provider {provider.name} is not in the allow list"
+    if provider.name in constraints.providers.deny:
+        return "provider_denied", f"provider {provider.name} is in the deny list"
+    missing = model.supports(constraints.capabilities)
+    if missing:
+        return "capability_missing", f"model lacks capabilities: {', '.join(missing)}"
+    if (
+        request.max_output_tokens is not None
+        and request.max_output_tokens > model.max_output_tokens
+    ):
+        return "output_limit", (
+            f"requested max_output_tokens {request.max_output_tokens} exceeds the model's "
+            f"limit {model.max_output_tokens}"
+        )
+    max_output = _max_output(request, policy, model)
+    if prompt_tokens + max_output > model.context_window:
+        return "context_window", (
+            f"estimated prompt {prompt_tokens} + max output {max_output} tokens exceed "
+            f"the context window {model.context_window}"
+        )
+    if health is not None and effective_circuit(health, now, policy.circuit) == "open":
+        return "circuit_open", f"circuit of provider {provider.name} is open"
+
+    cost: Money | None = None
+    if model.prices is not None:
+        amount = estimate_cost(
+            model.prices, prompt_tokens=prompt_tokens, max_output_tokens=max_output
+        )
+        cost = Money(amount=amount, currency=model.prices.currency)
+    budget = constraints.max_cost
+    if budget is not None:
+        if cost is None:
+            return "price_unknown", "max_cost is set but the model has no known price"
+        if cost.currency != budget.currency:
+            return "currency_mismatch", (
+                f"model is priced in {cost.currency}, max_cost is in {budget.currency}"
+            )
+        if cost.amount > budget.amount:
+            return "over_budget", (
+                f"estimated cost {format(cost.amount, 'f')} {cost.currency} exceeds "
+                f"max_cost {format(budget.amount, 'f')} {budget.currency}"
+            )
+    latency = _expected_latency(model, health)
+    if constraints.max_latency_ms is not None and latency > constraints.max_latency_ms:
+        return "too_slow", (
+            f"expected latency {latency} ms exceeds max_latency_ms {constraints.max_latency_ms}"
+        )
+    rel = 1.0 if health is None else 1.0 - health.error_rate
+    if health is not None and effective_circuit(health, now, policy.circuit) == "half_open":
+        rel *= HALF_OPEN_FACTOR
+    return _Eligible(
+        provider=provider.name, model=model.name, cost=cost, latency_ms=latency, reliability=rel
+    )
+
+
+def _max_output(request: JobRequest, policy: RoutingPolicy, model: ModelSpec) -> int:
+    """Return the output budget of an attempt: the request's, else the policy default capped."""
+    if request.max_output_tokens is not None:
+        return request.max_output_tokens
+    return min(policy.default_max_output_tokens, model.max_output_tokens)
+
+
+def _ratio(best: float, value: float) -> float:
+    """Normalize a lower-is-better value to 0..1 as best / value (1 for the best)."""
+    if value <= 0:
+        return 1.0
+    return best / value
+
+
+def _reference_currency(request: JobRequest, eligible: list[_Eligible]) -> str | None:
+    if request.constraints.max_cost is not None:
+        return request.constraints.max_cost.currency
+    counts = Counter(e.cost.currency for e in eligible if e.cost is not None)
+    if not counts:
+        return None
+    return min(counts, key=lambda c: (-counts[c], c))
+
+
+def _score(
+    request: JobRequest, policy: RoutingPolicy, eligible: list[_Eligible]
+) -> list[ScoredCandidate]:
+    currency = _reference_currency(request, eligible)
+    comparable = [
+        e.cost.amount for e in eligible if e.cost is not None and e.cost.currency == currency
+    ]
+    cheapest = min(comparable) if comparable else None
+    fastest = float(min((e.latency_ms for e in eligible), default=0))
+    most_reliable = max((e.reliability for e in eligible), default=0.0)
+    weights = policy.weights_for(request.preference)
+    scored = []
+    for e in eligible:
+        if e.cost is None or e.cost.currency != currency or cheapest is None:
+            cost_score = 0.0
+        elif e.cost.amount <= 0:
+            cost_score = 1.0
+        else:
+            with localcontext() as ctx:
+                ctx.prec = 34
+                cost_score = float(cheapest / e.cost.amount)
+        latency_score = _ratio(fastest, float(e.latency_ms))
+        rel_score = 0.0 if most_reliable <= 0 else e.reliability / most_reliable
+        weighted = (
+            weights.cost * cost_score
+            + weights.latency * latency_score
+            + weights.reliability * rel_score
+        ) / weights.total()
+        breakdown = ScoreBreakdown(
+            cost=round(cost_score, 6),
+            latency=round(latency_score, 6),
+            reliability=round(rel_score, 6),
+            weighted=round(weighted, 6),
+        )
+        scored.append(
+            ScoredCandidate(
+                provider=e.provider,
+                model=e.model,
+                score=breakdown.weighted,
+                breakdown=breakdown,
+                estimated_cost=e.cost,
+                expected_latency_ms=e.latency_ms,
+            )
+        )
+    scored.sort(key=lambda c: (-c.score, c.provider, c.model))
+    return scored
+
+
+def _plan(ranked: list[ScoredCandidate], max_attempts: int) -> tuple[Target | None, list[Target]]:
+    """Pick the best target and the best model of each other provider, within the attempt budget."""
+    if not ranked:
+        return None, []
+    chosen = Target(provider=ranked[0].provider, model=ranked[0].model)
+    used = {chosen.provider}
+    plan: list[Target] = []
+    for c in ranked[1:]:
+        if len(plan) + 1 >= max_attempts:
+            break
+        if c.provider in used:
+            continue
+        used.add(c.provider)
+        plan.append(Target(provider=c.provider, model=c.model))
+    return chosen, plan
+
+
+def route(
+    request: JobRequest,
+    *,
+    catalogue: Catalogue,
+    policy: RoutingPolicy,
+    health: Mapping[str, ProviderHealth],
+    now: datetime,
+    exclude: Collection[tuple[str, str]] = (),
+) -> RoutingDecision:
+    """Decide where a job goes and where it falls back to; same inputs give the same decision."""
+    if now.tzinfo is None:
+        raise ValueError("route needs an aware datetime")
+    prompt_tokens = estimate_tokens(request.prompt_text())
+    excluded_set = frozenset((str(p), str(m)) for p, m in exclude)
+    eligible: list[_Eligible] = []
+    excluded: list[ExcludedCandidate] = []
+    for provider, model in catalogue.targets():
+        verdict = _check(
+            request,
+            provider,
+            model,
+            prompt_tokens=prompt_tokens,
+            policy=policy,
+            health=health.get(provider.name),
+            now=now,
+            exclude=excluded_set,
+        )
+        if isinstance(verdict, _Eligible):
+            eligible.append(verdict)
+        else:
+            code, reason = verdict
+            excluded.append(
+                ExcludedCandidate(
+                    provider=provider.name, model=model.name, reason_code=code, reason=reason
+                )
+            )
+    ranked = _score(request, policy, eligible)
+    chosen, plan = _plan(ranked, policy.retry.max_attempts_per_job)
+    names = sorted(p.name for p in catalogue.providers)
+    used_health = {name: health[name] for name in names if name in health}
+    return RoutingDecision(
+        policy_version=policy.version,
+        catalogue_version=catalogue.version,
+        preference=request.preference,
+        prompt_tokens_estimate=prompt_tokens,
+        candidates=ranked,
+        excluded=excluded,
+        health=used_health,
+        chosen=chosen,
+        fallback_plan=plan,
+    )

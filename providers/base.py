@@ -1,0 +1,150 @@
+"""What one provider attempt can end in, and the contract every provider adapter fulfils.
+
+Adapters never raise for provider problems: HTTP errors, timeouts, refused connections and
+unparseable answers all come back as `Failed` carrying a `RawProviderError`. They raise only for
+programmer errors (a dispatch meant for another provider, a call after `close`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from domain.messages import Dispatch, Output, RawProviderError
+
+ErrorKind = Literal["http", "timeout", "connection", "malformed", "simulated"]
+
+#: Most bytes of a provider's response body kept in a `RawProviderError`.
+MAX_BODY_BYTES = 16_384
+#: Most bytes of a provider's error message kept in a `RawProviderError`.
+MAX_MESSAGE_BYTES = 2_048
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The provider answered; `repeat` > 1 asks the worker to publish the completion again."""
+
+    output: Output
+    raw_usage: dict[str, Any] | None
+    usage_shape: str | None
+    latency_ms: int
+    model: str
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        if self.latency_ms < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms}")
+        if self.repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {self.repeat}")
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The attempt failed; `error` is what the provider said, before canonical mapping."""
+
+    error: RawProviderError
+    latency_ms: int
+
+    def __post_init__(self) -> None:
+        if self.latency_ms < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms}")
+
+
+@dataclass(frozen=True, slots=True)
+class NoAnswer:
+    """The provider never answered (a simulated hang): publish nothing, let the timeout fire."""
+
+
+Outcome = Completed | Failed | NoAnswer
+
+
+@runtime_checkable
+class ProviderAdapter(Protocol):
+    """Call one provider for one attempt; a worker owns one adapter per provider name."""
+
+    name: str
+    kind: str
+
+    async def call(self, dispatch: Dispatch) -> Outcome:
+        """Run one attempt and report how it ended, never raising for provider problems."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the adapter must not be called afterwards."""
+        ...
+
+
+def truncate_utf8(text: str, limit: int) -> str:
+    """Cut `text` to at most `limit` UTF-8 bytes without splitting a character."""
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+def elapsed_ms(started: float) -> int:
+    """Return whole milliseconds since `started`, a `time.monotonic()` reading."""
+    return max(0, int((time.monotonic() - started) * 1000))
+
+
+def raw_error(
+    kind: ErrorKind,
+    message: str,
+    *,
+    http_status: int | None = None,
+    code: str | None = None,
+    body: str | None = None,
+    retry_after: str | None = None,
+) -> RawProviderError:
+    """Build a `RawProviderError` with message and body cut to their size limits."""
+    return RawProviderError(
+        kind=kind,
+        http_status=http_status,
+        code=code,
+        message=truncate_utf8(message, MAX_MESSAGE_BYTES),
+        body=truncate_utf8(body, MAX_BODY_BYTES) if body is not None else None,
+        retry_after=retry_after,
+    )
+
+
+def check_dispatch(adapter_name: str, closed: bool, dispatch: Dispatch) -> None:
+    """Raise if the adapter is closed or the dispatch is addressed to another provider."""
+    if closed:
+        raise RuntimeError(f"provider adapter {adapter_name!r} is closed")
+    if dispatch.provider != adapter_name:
+        raise ValueError(
+            f"dispatch {dispatch.attempt_id} is for provider {dispatch.provider!r}, "
+            f"not {adapter_name!r}"
+        )
+
+
+class HttpResponse(Protocol):
+    """The part of an SDK's (httpx) response used to report a provider's body."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    @property
+    def is_stream_consumed(self) -> bool: ...
+
+    @property
+    def text(self) -> str: ...
+
+
+def response_text(response: HttpResponse) -> str | None:
+    """Return the body text of a response the SDK has read, else None."""
+    if response.is_closed and not response.is_stream_consumed:
+        return None
+    return response.text
+
+
+def describe_with_cause(exc: BaseException) -> str:
+    """Describe an SDK error together with the low-level exception it wrapped."""
+    cause = exc.__cause__
+    return f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
+
+
+def is_token_count(*values: object) -> bool:
+    """Tell whether every value is a non-negative int (and not a bool)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
