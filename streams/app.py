@@ -6,7 +6,9 @@ from typing import Any
 
 import faust
 
+from streams.runtime import Runtime
 from streams.settings import Settings, get_settings
+from streams.topics import Topics
 from streams.topology import Topology, load_topology
 
 
@@ -56,3 +58,9 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
 settings = get_settings()
 topology = load_topology(settings.topics_file)
 app = create_app(settings, topology)
+runtime = Runtime.load(settings)
+topics = Topics.declare(app, settings, topology)
+
+# Register agents, timers and web views on the app (autodiscovery is off: explicit is faster).
+from api import views  # noqa: E402, F401
+from streams import agents  # noqa: E402, F401

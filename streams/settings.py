@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     provider_concurrency: int = 64
     provider_group_id: str = "prompt-gateway-providers"
     provider_timeout_s: float = 60.0
+    provider_data_dir: Path = Path("var/workers/providers-1")
     max_request_bytes: int = 900_000
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None

@@ -1,0 +1,387 @@
+"""The provider worker: consume dispatch queues, call providers, report results to cp.results.
+
+Its own consumer group, independent of the control plane. Many calls run at once (a bounded task
+pool) while the poll loop keeps going; offsets are committed only up to the oldest attempt still
+running, so a crash re-delivers unfinished attempts (at least once) and idempotency keys already
+handled are skipped, persisted in a small RocksDB next to the worker.
+
+Run: `python -m providers.worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from pydantic import ValidationError
+from rocksdict import Options, Rdict
+
+from domain.catalogue import Catalogue, load_catalogue
+from domain.codec import DecodeError, encode, load_json, upcast
+from domain.messages import (
+    Dispatch,
+    Output,
+    ProviderCancel,
+    ProviderResult,
+    RawProviderError,
+)
+from providers.base import Completed, Failed, Outcome, ProviderAdapter
+from providers.registry import build_adapters
+from streams.settings import Settings, get_settings
+from streams.topology import load_topology
+
+log = logging.getLogger("providers.worker")
+
+
+class OffsetTracker:
+    """Commit each partition only up to its oldest record still being worked on."""
+
+    def __init__(self) -> None:
+        self.inflight: dict[TopicPartition, set[int]] = {}
+        self.next: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        self.inflight.setdefault(tp, set()).add(offset)
+        self.next[tp] = max(self.next.get(tp, 0), offset + 1)
+
+    def done(self, tp: TopicPartition, offset: int) -> None:
+        self.inflight.get(tp, set()).discard(offset)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        offsets: dict[TopicPartition, int] = {}
+        for tp, nxt in self.next.items():
+            running = self.inflight.get(tp)
+            offset = min(running) if running else nxt
+            if self.committed.get(tp) != offset:
+                offsets[tp] = offset
+        return offsets
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self.committed.update(offsets)
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self.inflight.pop(tp, None)
+            self.next.pop(tp, None)
+            self.committed.pop(tp, None)
+
+
+class HandledKeys:
+    """Idempotency keys whose attempt already ran here, kept across restarts."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        self._db = Rdict(str(path / "handled"), options)
+
+    def __contains__(self, key: str) -> bool:
+        return self._db.get(key.encode()) is not None
+
+    def add(self, key: str) -> None:
+        self._db[key.encode()] = str(int(time.time())).encode()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: ProviderWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.commit()
+        self.worker.tracker.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info(
+            "partitions assigned", extra={"event": "provider.assigned", "count": len(assigned)}
+        )
+
+
+class ProviderWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        catalogue: Catalogue,
+        adapters: dict[str, ProviderAdapter],
+        *,
+        data_dir: Path,
+    ) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+        self.adapters = adapters
+        self.tracker = OffsetTracker()
+        self.handled = HandledKeys(data_dir)
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.slots = asyncio.Semaphore(settings.provider_concurrency)
+        self.stopping = asyncio.Event()
+        topology = load_topology(settings.topics_file)
+        self.dispatch_topics = [
+            settings.topic(spec.name)
+            for provider, spec in topology.dispatch_topics().items()
+            if (p := catalogue.provider(provider)) is not None and p.enabled
+        ]
+        self.results_topic = settings.topic("cp.results")
+        self.dlq_topic = settings.topic("cp.dlq")
+        servers = settings.kafka_bootstrap_servers
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=servers,
+            group_id=settings.topic_prefix + settings.provider_group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
+            heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
+            max_poll_records=200,
+        )
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_request_size=2 * 1024 * 1024,
+        )
+
+    async def start(self) -> None:
+        await self.producer.start()
+        await self.consumer.start()
+        self.consumer.subscribe(self.dispatch_topics, listener=_Revocations(self))
+        log.info(
+            "provider worker started",
+            extra={
+                "event": "provider.started",
+                "topics": self.dispatch_topics,
+                "adapters": sorted(self.adapters),
+            },
+        )
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            while not self.stopping.is_set():
+                batches = await self.consumer.getmany(timeout_ms=200)
+                for tp, records in batches.items():
+                    for record in records:
+                        self.tracker.start(tp, record.offset)
+                        await self.handle(tp, record)
+                await self.commit()
+        finally:
+            await self.shutdown()
+
+    async def commit(self) -> None:
+        offsets = self.tracker.committable()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except Exception:
+            log.warning("offset commit failed", exc_info=True)
+            return
+        self.tracker.mark_committed(offsets)
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        if self.inflight:
+            _done, pending = await asyncio.wait(list(self.inflight.values()), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+        await self.commit()
+        await self.consumer.stop()
+        await self.producer.stop()
+        for adapter in self.adapters.values():
+            await adapter.close()
+        self.handled.close()
+
+    async def handle(self, tp: TopicPartition, record: Any) -> None:
+        try:
+            data = load_json(record.value, max_bytes=self.settings.max_request_bytes)
+            if data.get("type") == "cancel":
+                self.on_cancel(ProviderCancel.model_validate(upcast("provider_cancel", data)))
+                self.tracker.done(tp, record.offset)
+                return
+            dispatch = Dispatch.model_validate(upcast("dispatch", data))
+        except (DecodeError, ValidationError) as exc:
+            reason = exc.reason if isinstance(exc, DecodeError) else "schema"
+            await self.dead_letter(record, reason, str(exc))
+            self.tracker.done(tp, record.offset)
+            return
+        key = dispatch.idempotency_key
+        if key in self.handled or key in self.cancelled or key in self.inflight:
+            log.info("dispatch skipped", extra={"event": "provider.skip", "idempotency_key": key})
+            self.tracker.done(tp, record.offset)
+            return
+        await self.slots.acquire()
+        task = asyncio.create_task(self.attempt(dispatch))
+        self.inflight[key] = task
+
+        def finished(_: asyncio.Task[None]) -> None:
+            self.slots.release()
+            self.inflight.pop(key, None)
+            self.tracker.done(tp, record.offset)
+
+        task.add_done_callback(finished)
+
+    def on_cancel(self, cancel: ProviderCancel) -> None:
+        self.cancelled[cancel.idempotency_key] = None
+        while len(self.cancelled) > 100_000:
+            self.cancelled.popitem(last=False)
+        task = self.inflight.get(cancel.idempotency_key)
+        if task is not None:
+            task.cancel()
+
+    async def attempt(self, dispatch: Dispatch) -> None:
+        """Run one attempt and report it; never raises for a provider problem."""
+        key = dispatch.idempotency_key
+        adapter = self.adapters.get(dispatch.provider)
+        sent = [await self.send_result(dispatch, "started", f"{key}:started", adapter)]
+        started = time.monotonic()
+        try:
+            outcome = await self.call(adapter, dispatch)
+        except asyncio.CancelledError:
+            self.handled.add(key)
+            log.info("attempt cancelled", extra=_ids(dispatch, event="provider.cancelled"))
+            raise
+        if isinstance(outcome, Completed):
+            for n in range(1, outcome.repeat + 1):
+                event_id = f"{key}:completed" + (f":{n}" if n > 1 else "")
+                sent.append(
+                    await self.send_result(dispatch, "completed", event_id, adapter, outcome)
+                )
+        elif isinstance(outcome, Failed):
+            sent.append(
+                await self.send_result(dispatch, "failed", f"{key}:failed", adapter, outcome)
+            )
+        for future in sent:
+            await future
+        self.handled.add(key)
+        log.info(
+            "attempt finished",
+            extra=_ids(
+                dispatch,
+                event="provider.attempt",
+                outcome=type(outcome).__name__.lower(),
+                latency_ms=int((time.monotonic() - started) * 1000),
+            ),
+        )
+
+    async def call(self, adapter: ProviderAdapter | None, dispatch: Dispatch) -> Outcome:
+        if adapter is None:
+            return Failed(
+                error=RawProviderError(
+                    kind="http",
+                    http_status=401,
+                    code="no_credentials",
+                    message=f"provider {dispatch.provider} has no adapter on this worker "
+                    "(disabled, or its API key is not set)",
+                ),
+                latency_ms=0,
+            )
+        guard = dispatch.timeout_ms / 1000 + 10
+        started = time.monotonic()
+        try:
+            return await asyncio.wait_for(adapter.call(dispatch), timeout=guard)
+        except TimeoutError:
+            return Failed(
+                error=RawProviderError(kind="timeout", message=f"no answer within {guard:.0f} s"),
+                latency_ms=int((time.monotonic() - started) * 1000),
+            )
+
+    async def send_result(
+        self,
+        dispatch: Dispatch,
+        kind: str,
+        event_id: str,
+        adapter: ProviderAdapter | None,
+        outcome: Outcome | None = None,
+    ) -> asyncio.Future[Any]:
+        fields: dict[str, Any] = {}
+        if isinstance(outcome, Completed):
+            fields = {
+                "output": Output(
+                    text=outcome.output.text, finish_reason=outcome.output.finish_reason
+                ),
+                "raw_usage": outcome.raw_usage,
+                "usage_shape": outcome.usage_shape,
+                "latency_ms": outcome.latency_ms,
+                "model": outcome.model or dispatch.model,
+            }
+        elif isinstance(outcome, Failed):
+            fields = {"error": outcome.error, "latency_ms": outcome.latency_ms}
+        result = ProviderResult(
+            type=kind,  # type: ignore[arg-type]
+            event_id=event_id,
+            job_id=dispatch.job_id,
+            attempt_id=dispatch.attempt_id,
+            provider=dispatch.provider,
+            provider_kind=adapter.kind if adapter else "unknown",
+            model=fields.pop("model", dispatch.model),
+            occurred_at=datetime.now(UTC),
+            trace=dispatch.trace,
+            **fields,
+        )
+        headers = []
+        if dispatch.trace.traceparent:
+            headers.append(("traceparent", dispatch.trace.traceparent.encode()))
+        future: asyncio.Future[Any] = await self.producer.send(
+            self.results_topic, value=encode(result), key=dispatch.job_id.encode(), headers=headers
+        )
+        return future
+
+    async def dead_letter(self, record: Any, reason: str, detail: str) -> None:
+        from streams.deadletter import dead_letter_record
+
+        letter = dead_letter_record(
+            reason=reason,
+            detail=detail,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            payload=record.value,
+        )
+        log.warning("dead letter", extra={"event": "dead_letter", "reason": reason})
+        await self.producer.send_and_wait(
+            self.dlq_topic, value=encode(letter), key=f"{record.topic}:{record.partition}".encode()
+        )
+
+
+def _ids(dispatch: Dispatch, **extra: Any) -> dict[str, Any]:
+    return {
+        "job_id": dispatch.job_id,
+        "attempt_id": dispatch.attempt_id,
+        "provider": dispatch.provider,
+        "tenant_id": dispatch.tenant_id,
+        **extra,
+    }
+
+
+async def serve(settings: Settings) -> None:
+    catalogue = load_catalogue(settings.catalogue_file)
+    adapters = build_adapters(catalogue, timeout_s=settings.provider_timeout_s)
+    worker = ProviderWorker(settings, catalogue, adapters, data_dir=settings.provider_data_dir)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, worker.stopping.set)
+    await worker.run()
+
+
+def main() -> None:
+    from streams.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

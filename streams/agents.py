@@ -1,0 +1,333 @@
+"""Agents of the control plane: intake, results, the job agent (sole writer of jobs), timers.
+
+Inputs from outside (intake requests, provider results) are parsed here and re-keyed by job_id
+onto `cp.commands`; the job agent applies `domain.decide.decide` to each command, writes the new
+state and publishes the step's outbox entries. Nothing awaits between reading and writing a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import faust
+from faust.types import EventT
+
+from domain.codec import DecodeError, decode_command, decode_intake, decode_result, encode
+from domain.commands import CancelJob, CreateJob, MarkPublished, RecordResult, Tick
+from domain.decide import decide
+from domain.ids import job_id_for
+from domain.job import Job, OutboxEntry
+from domain.messages import CancelRequest
+from streams.app import app, rocksdb_options, runtime, settings, topics
+from streams.deadletter import dead_letter_record, send_dead_letter
+from streams.tracing import from_headers, to_headers
+from tables.exceptions import StateCorrupted
+from tables.jobs import TABLE_NAME, decode_job, encode_job
+
+log = logging.getLogger(__name__)
+
+#: An outbox entry not marked published after this long is published again.
+OUTBOX_RETRY = timedelta(seconds=10)
+#: After a tick is sent for a job, wait this long before ticking it again unasked.
+TICK_BACKOFF = timedelta(seconds=2)
+
+_job_schema = faust.Schema(
+    key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"
+)
+jobs = app.Table(
+    TABLE_NAME,
+    schema=_job_schema,
+    partitions=topics.commands.partitions,
+    changelog_topic=app.topic(
+        settings.topic("{app_id}-jobs-changelog"),
+        schema=_job_schema,
+        partitions=topics.commands.partitions,
+        compacting=True,
+        internal=True,
+    ),
+    options=rocksdb_options(settings),
+)
+# faust derives table serializers from the value type ("json" for bytes); the codec is ours.
+jobs.key_serializer = "raw"
+jobs.value_serializer = "raw"
+
+
+def _headers(event: EventT) -> list[tuple[str, bytes | None]]:
+    headers: Any = event.message.headers
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return list(headers or [])
+
+
+async def _dead_letter(event: EventT, reason: str, detail: str) -> None:
+    message = event.message
+    await send_dead_letter(
+        topics.dlq,
+        dead_letter_record(
+            reason=reason,
+            detail=detail,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key if isinstance(message.key, bytes | None) else str(message.key).encode(),
+            payload=message.value if isinstance(message.value, bytes) else None,
+        ),
+    )
+
+
+async def _command(
+    job_id: str, payload: bytes, headers: list[tuple[str, bytes]] | None = None
+) -> None:
+    await topics.commands.send(key=job_id.encode(), value=payload, headers=headers or [])
+
+
+# -- intake ---------------------------------------------------------------------------------------
+
+
+@app.agent(topics.intake, name="intake")
+async def intake(stream: Any) -> AsyncIterator[None]:
+    """Validate producer requests and hand them to the job agent keyed by job_id."""
+    async for event in stream.events():
+        try:
+            await _accept(event)
+        except Exception as exc:
+            log.exception("intake failed")
+            await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
+        yield None
+
+
+async def _accept(event: EventT) -> None:
+    message = event.message
+    try:
+        request = decode_intake(event.value, max_bytes=settings.max_request_bytes)
+    except DecodeError as exc:
+        await _dead_letter(event, exc.reason, exc.detail)
+        return
+    if request.tenant_id is None:
+        await _dead_letter(event, "schema", "tenant_id: required on Kafka intake")
+        return
+    now = datetime.now(UTC)
+    command_id = f"intake:{message.topic}:{message.partition}:{message.offset}"
+    if isinstance(request, CancelRequest):
+        job_id = request.job_id or job_id_for(request.tenant_id, request.request_id or "")
+        cancel = CancelJob(
+            command_id=command_id,
+            job_id=job_id,
+            at=now,
+            tenant_id=request.tenant_id,
+            reason=request.reason or "cancelled by producer",
+        )
+        await _command(job_id, encode(cancel))
+        return
+    job_id = job_id_for(request.tenant_id, request.request_id)
+    trace = from_headers(_headers(event))
+    create = CreateJob(
+        command_id=command_id,
+        job_id=job_id,
+        at=now,
+        tenant_id=request.tenant_id,
+        fingerprint=request.fingerprint(),
+        request=request,
+        trace=trace,
+        source="kafka",
+    )
+    await _command(job_id, encode(create), to_headers(trace))
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+@app.agent(topics.results, name="results")
+async def results(stream: Any) -> AsyncIterator[None]:
+    """Re-key provider result events by job_id onto the command topic."""
+    async for event in stream.events():
+        try:
+            try:
+                result = decode_result(event.value, max_bytes=settings.max_request_bytes)
+            except DecodeError as exc:
+                await _dead_letter(event, exc.reason, exc.detail)
+            else:
+                command = RecordResult(
+                    command_id=f"result:{result.event_id}",
+                    job_id=result.job_id,
+                    at=datetime.now(UTC),
+                    result=result,
+                )
+                await _command(result.job_id, encode(command), to_headers(result.trace))
+        except Exception as exc:
+            log.exception("results failed")
+            await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
+        yield None
+
+
+# -- the job agent --------------------------------------------------------------------------------
+
+
+@app.agent(topics.commands, name="jobs", concurrency=1)
+async def job_agent(stream: Any) -> AsyncIterator[None]:
+    """Apply each command to its job: the only writer of the job table."""
+    async for event in stream.events():
+        try:
+            await _apply(event)
+        except Exception as exc:
+            log.exception("job agent failed")
+            await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
+        yield None
+
+
+async def _apply(event: EventT) -> None:
+    try:
+        command = decode_command(event.value)
+    except DecodeError as exc:
+        await _dead_letter(event, exc.reason, exc.detail)
+        return
+    try:
+        job = decode_job(jobs.get(command.job_id))
+    except StateCorrupted as exc:
+        await _dead_letter(event, "state_corrupted", str(exc))
+        return
+    decision = decide(job, command, runtime.context())
+    new = decision.job
+    if new is not None and new is not job:
+        jobs[command.job_id] = encode_job(new)
+    for observation in decision.observations:
+        runtime.health.observe(observation)
+    if decision.dead_letter is not None:
+        await _dead_letter(event, *decision.dead_letter)
+    if new is None:
+        return
+    publish = list(decision.publish)
+    stale_before = command.at - OUTBOX_RETRY
+    already = {entry.entry_id for entry in publish}
+    if isinstance(command, Tick):
+        publish.extend(
+            e for e in new.outbox if e.entry_id not in already and e.created_at <= stale_before
+        )
+    if publish:
+        await publish_outbox(new, publish)
+    runtime.wake.set(new.job_id, _wake_time(new))
+    if decision.outcome not in ("published", "noop", "duplicate_command"):
+        log.info(
+            "job step",
+            extra={
+                "event": f"job.{decision.outcome}",
+                "job_id": new.job_id,
+                "tenant_id": new.tenant_id,
+                "state": new.status.value,
+                "attempt_id": new.current.attempt_id if new.current else None,
+                "provider": new.current.provider if new.current else None,
+            },
+        )
+
+
+def _wake_time(job: Job) -> datetime | None:
+    times = [t for t in (job.next_wake(),) if t is not None]
+    if job.outbox:
+        times.append(min(entry.created_at for entry in job.outbox) + OUTBOX_RETRY)
+    return min(times) if times else None
+
+
+async def publish_outbox(job: Job, entries: Iterable[OutboxEntry]) -> None:
+    """Send outbox entries now; once Kafka has them, tell the job agent to drop them."""
+    headers = to_headers(job.trace)
+    key = job.job_id.encode()
+    pending: list[tuple[str, Any]] = []
+    for entry in entries:
+        topic = _topic_for(entry)
+        if topic is None:
+            log.error(
+                "no topic for outbox entry", extra={"entry": entry.entry_id, "job_id": job.job_id}
+            )
+            continue
+        value = encode_payload(entry.payload)
+        pending.append((entry.entry_id, await topic.send(key=key, value=value, headers=headers)))
+    if pending:
+        task = asyncio.ensure_future(_mark_when_delivered(job.job_id, pending))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    import orjson
+
+    return orjson.dumps(payload)
+
+
+def _topic_for(entry: OutboxEntry) -> Any:
+    if entry.topic == "events":
+        return topics.events
+    if entry.topic == "responses":
+        return topics.responses
+    return topics.dispatch.get(entry.provider or "")
+
+
+async def _mark_when_delivered(job_id: str, pending: list[tuple[str, Any]]) -> None:
+    delivered: list[str] = []
+    for entry_id, future in pending:
+        try:
+            await future
+        except Exception:  # noqa: BLE001 (left pending: the timer publishes it again)
+            log.warning("outbox send failed", extra={"job_id": job_id, "entry": entry_id})
+            continue
+        delivered.append(entry_id)
+    if not delivered:
+        return
+    mark = MarkPublished(
+        command_id=f"published:{job_id}:{','.join(delivered)}"[:256],
+        job_id=job_id,
+        at=datetime.now(UTC),
+        entry_ids=delivered,
+    )
+    await _command(job_id, encode(mark))
+
+
+# -- timers ---------------------------------------------------------------------------------------
+
+_assignment_seen: frozenset[Any] = frozenset()
+
+
+@app.timer(interval=settings.timer_interval_s)
+async def tick_due_jobs() -> None:
+    """Turn deadlines, backoffs, attempt timeouts and stale outboxes into Tick commands."""
+    global _assignment_seen  # noqa: PLW0603 (one timer per worker owns it)
+    if app.rebalancing or app.in_recovery or not app.tables.recovery.completed.is_set():
+        return
+    assignment = frozenset(app.assignor.assigned_actives())
+    if assignment != _assignment_seen:
+        _assignment_seen = assignment
+        rebuild_wake_index()
+    now = datetime.now(UTC)
+    for job_id in runtime.wake.pop_due(now):
+        tick = Tick(
+            command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
+        )
+        await _command(job_id, encode(tick))
+        runtime.wake.set(job_id, now + TICK_BACKOFF)
+
+
+def rebuild_wake_index() -> None:
+    """After a rebalance, find every job of our partitions that needs a timer or a republish."""
+    runtime.wake.clear()
+    count = 0
+    for job_id, raw in jobs.items():
+        try:
+            job = decode_job(raw)
+        except StateCorrupted:
+            log.exception("unreadable job during sweep", extra={"job_id": job_id})
+            continue
+        if job is None:
+            continue
+        when = _wake_time(job)
+        if job.outbox:
+            when = min(when or job.updated_at, datetime.now(UTC))
+        runtime.wake.set(job_id, when)
+        count += 1
+    log.info("timer index rebuilt", extra={"event": "timers.rebuilt", "jobs": count})
