@@ -22,12 +22,10 @@ from domain.job import MAX_IGNORED_EVENTS, SEEN_COMMANDS, Attempt, Job, OutboxEn
 from domain.lifecycle import AttemptStatus, JobStatus, can_transition
 from domain.messages import (
     AttemptCost,
-    Dispatch,
     FinalResponse,
     JobCost,
     JobEvent,
     Output,
-    ProviderCancel,
     ProviderResult,
 )
 from domain.policy import RoutingPolicy
@@ -101,16 +99,8 @@ class _Step:
 
     # -- effects -------------------------------------------------------------------------------
 
-    def outbox(
-        self,
-        entry_id: str,
-        topic: OutboxTopic,
-        payload: dict[str, Any],
-        provider: str | None = None,
-    ) -> None:
-        entry = OutboxEntry(
-            entry_id=entry_id, topic=topic, provider=provider, payload=payload, created_at=self.at
-        )
+    def outbox(self, entry_id: str, topic: OutboxTopic, **ref: Any) -> None:
+        entry = OutboxEntry(entry_id=entry_id, topic=topic, created_at=self.at, **ref)
         self.entries.append(entry)
         self.update(outbox=[*self.job.outbox, entry])
 
@@ -126,7 +116,7 @@ class _Step:
             data=data,
         )
         self.update(events=[*self.job.events, event])
-        self.outbox(f"e{event.seq}", "events", event.model_dump(mode="json"))
+        self.outbox(f"e{event.seq}", "events", seq=event.seq)
 
     def ignored(self, kind: str, *, attempt_id: str | None = None, **data: Any) -> None:
         """Record a duplicate or late input in the timeline, up to a cap, then only count it."""
@@ -165,23 +155,9 @@ class _Step:
             dispatched_at=self.at,
             timeout_at=self.at + timeout,
         )
-        message = Dispatch(
-            job_id=self.job.job_id,
-            attempt_id=attempt_id,
-            attempt_no=attempt_no,
-            provider_attempt_no=on_provider,
-            tenant_id=self.job.tenant_id,
-            provider=target.provider,
-            model=target.model,
-            idempotency_key=idempotency_key(self.job.job_id, attempt_id),
-            request=self.job.request,
-            trace=self.job.trace,
-            dispatched_at=self.at,
-            timeout_ms=policy.attempt_timeout_ms,
-        )
         self.update(attempts=[*self.job.attempts, attempt], retry_at=None, retry_target=None)
         self.transition(JobStatus.DISPATCHED)
-        self.outbox(f"d-{attempt_id}", "dispatch", message.model_dump(mode="json"), target.provider)
+        self.outbox(f"d-{attempt_id}", "dispatch", provider=target.provider, attempt_id=attempt_id)
         self.event(
             "dispatched",
             attempt_id=attempt_id,
@@ -189,7 +165,7 @@ class _Step:
             model=target.model,
             attempt_no=attempt_no,
             provider_attempt_no=on_provider,
-            idempotency_key=message.idempotency_key,
+            idempotency_key=idempotency_key(self.job.job_id, attempt_id),
             reason=reason,
         )
 
@@ -203,17 +179,12 @@ class _Step:
         self.tell_provider_to_drop(current, reason)
 
     def tell_provider_to_drop(self, attempt: Attempt, reason: str) -> None:
-        message = ProviderCancel(
-            job_id=self.job.job_id,
-            attempt_id=attempt.attempt_id,
-            idempotency_key=idempotency_key(self.job.job_id, attempt.attempt_id),
-            reason=reason,
-        )
         self.outbox(
             f"c-{attempt.attempt_id}",
             "provider_cancel",
-            message.model_dump(mode="json"),
-            attempt.provider,
+            provider=attempt.provider,
+            attempt_id=attempt.attempt_id,
+            reason=reason,
         )
 
     def finish(self, status: JobStatus, *, error: CanonicalError | None = None) -> None:
@@ -234,7 +205,7 @@ class _Step:
         if final.cost.total is not None:
             data["cost"] = final.cost.total.model_dump(mode="json")
         self.event(kind, attempt_id=current.attempt_id if current else None, **data)
-        self.outbox("r", "responses", final.model_dump(mode="json"))
+        self.outbox("r", "responses")
 
     def final_response(self, error: CanonicalError | None) -> FinalResponse:
         job = self.job
@@ -266,6 +237,16 @@ class _Step:
         """Retry the same target, fall back to the next one, or fail the job."""
         retry = self.ctx.policy.retry
         action = self.ctx.policy.action_for(error.code)
+        deadline = self.job.deadline_at
+        if deadline is not None and self.at >= deadline:
+            self.finish(
+                JobStatus.EXPIRED,
+                error=canonical_error(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"deadline passed while {attempt.provider} failed with {error.code.value}",
+                ),
+            )
+            return
         used = len(self.job.attempts)
         if used >= retry.max_attempts_per_job:
             self.finish(JobStatus.FAILED, error=error)
@@ -446,11 +427,27 @@ def _create(job: Job | None, command: CreateJob, ctx: Context) -> Decision:
 
 
 def _mark_published(job: Job, command: MarkPublished) -> Decision:
+    """Drop delivered entries; a live attempt's timeout counts from when its dispatch was sent."""
     done = set(command.entry_ids)
     remaining = [entry for entry in job.outbox if entry.entry_id not in done]
     if len(remaining) == len(job.outbox):
         return Decision(job=job, outcome="noop")
-    return Decision(job=job.model_copy(update={"outbox": remaining}), outcome="published")
+    sent = {e.attempt_id for e in job.outbox if e.entry_id in done and e.topic == "dispatch"}
+    attempts = [
+        a.model_copy(
+            update={
+                "published_at": command.at,
+                "timeout_at": max(a.timeout_at, command.at + (a.timeout_at - a.dispatched_at)),
+            }
+        )
+        if a.attempt_id in sent and a.status.live and a.published_at is None
+        else a
+        for a in job.attempts
+    ]
+    return Decision(
+        job=job.model_copy(update={"outbox": remaining, "attempts": attempts}),
+        outcome="published",
+    )
 
 
 def _result(step: _Step, result: ProviderResult) -> str:
@@ -482,7 +479,7 @@ def _result(step: _Step, result: ProviderResult) -> str:
     superseded = current is None or current.attempt_id != attempt.attempt_id
     if superseded or job.terminal or not attempt.status.live:
         step.ignored(
-            "late_result" if (superseded or job.terminal) else "duplicate_ignored",
+            "late_result",
             attempt_id=attempt.attempt_id,
             result=result.type,
             provider=result.provider,

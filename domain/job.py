@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,7 @@ class Attempt(_Frozen):
     status: AttemptStatus
     dispatched_at: datetime
     timeout_at: datetime
+    published_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     output: Output | None = None
@@ -51,12 +52,18 @@ class Attempt(_Frozen):
 
 
 class OutboxEntry(_Frozen):
-    """A message the job owes to a topic; kept until a later command marks it published."""
+    """A message the job owes to a topic, kept until a later command marks it published.
+
+    It names what to send (an event by seq, an attempt's dispatch or cancel, the final response)
+    rather than copying it: `domain.outbox.render` builds the message from the job's state.
+    """
 
     entry_id: str
     topic: OutboxTopic
     provider: str | None = None
-    payload: dict[str, Any]
+    attempt_id: str | None = None
+    seq: int | None = None
+    reason: str | None = None
     created_at: datetime
 
 

@@ -93,7 +93,8 @@ class RetryPolicy(_Frozen):
             and math.isfinite(retry_after_s)
             and retry_after_s > 0
         ):
-            asked = min(math.ceil(retry_after_s * 1000), self.max_retry_after_ms)
+            seconds = min(retry_after_s, self.max_retry_after_ms / 1000)  # no float overflow
+            asked = min(math.ceil(seconds * 1000), self.max_retry_after_ms)
             result = max(result, asked)
         return int(result)
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
 from rocksdict import Options, Rdict
@@ -372,7 +373,36 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, worker.stopping.set)
-    await worker.run()
+    runner = web.AppRunner(status_app(worker))
+    await runner.setup()
+    site = web.TCPSite(runner, settings.web_host, settings.provider_web_port)
+    await site.start()
+    try:
+        await worker.run()
+    finally:
+        await runner.cleanup()
+
+
+WORKER: web.AppKey[ProviderWorker] = web.AppKey("worker", ProviderWorker)
+
+
+def status_app(worker: ProviderWorker) -> web.Application:
+    """Health and readiness of the provider worker (and, with observability, its metrics)."""
+    app = web.Application()
+    app[WORKER] = worker
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        assigned = len(request.app[WORKER].consumer.assignment())
+        ready = assigned > 0
+        body = {"ready": ready, "partitions": assigned, "in_flight": len(worker.inflight)}
+        return web.json_response(body, status=200 if ready else 503)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
 
 
 def main() -> None:

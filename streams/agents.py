@@ -23,6 +23,7 @@ from domain.decide import decide
 from domain.ids import job_id_for
 from domain.job import Job, OutboxEntry
 from domain.messages import CancelRequest
+from domain.outbox import render
 from streams.app import app, rocksdb_options, runtime, settings, topics
 from streams.deadletter import dead_letter_record, send_dead_letter
 from streams.tracing import from_headers, to_headers
@@ -32,9 +33,9 @@ from tables.jobs import TABLE_NAME, decode_job, encode_job
 log = logging.getLogger(__name__)
 
 #: An outbox entry not marked published after this long is published again.
-OUTBOX_RETRY = timedelta(seconds=10)
-#: After a tick is sent for a job, wait this long before ticking it again unasked.
-TICK_BACKOFF = timedelta(seconds=2)
+OUTBOX_RETRY = timedelta(seconds=settings.outbox_retry_s)
+#: A tick not applied within this long (lost with a failed send) is sent again.
+TICK_RESEND = timedelta(seconds=60)
 
 _job_schema = faust.Schema(
     key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"
@@ -82,8 +83,16 @@ async def _dead_letter(event: EventT, reason: str, detail: str) -> None:
 
 async def _command(
     job_id: str, payload: bytes, headers: list[tuple[str, bytes]] | None = None
-) -> None:
-    await topics.commands.send(key=job_id.encode(), value=payload, headers=headers or [])
+) -> Any:
+    """Send a command keyed by job_id; returns the delivery future (batched by the producer)."""
+    return await _send(topics.commands, job_id.encode(), payload, headers)
+
+
+async def _send(
+    topic: Any, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None
+) -> Any:
+    # The producer directly: faust's Topic.send costs more than the message itself here.
+    return await app.producer.send(topic.get_topic_name(), key, value, None, None, headers or [])
 
 
 # -- intake ---------------------------------------------------------------------------------------
@@ -191,9 +200,20 @@ async def _apply(event: EventT) -> None:
     except StateCorrupted as exc:
         await _dead_letter(event, "state_corrupted", str(exc))
         return
-    decision = decide(job, command, runtime.context())
+    context = runtime.context()
+    delivered = runtime.delivered.pop(command.job_id, None)
+    if job is not None and delivered:
+        # Outbox entries Kafka has acknowledged since this job's last step: mark them first.
+        mark = MarkPublished(
+            command_id=f"published:{command.command_id}",
+            job_id=command.job_id,
+            at=max(delivered.values()),
+            entry_ids=sorted(delivered),
+        )
+        job = decide(job, mark, context).job
+    decision = decide(job, command, context)
     new = decision.job
-    if new is not None and new is not job:
+    if new is not None and (new is not job or delivered):
         jobs[command.job_id] = encode_job(new)
     for observation in decision.observations:
         runtime.health.observe(observation)
@@ -211,7 +231,7 @@ async def _apply(event: EventT) -> None:
     if publish:
         await publish_outbox(new, publish)
     runtime.wake.set(new.job_id, _wake_time(new))
-    if decision.outcome not in ("published", "noop", "duplicate_command"):
+    if decision.outcome not in ("noop", "duplicate_command"):
         log.info(
             "job step",
             extra={
@@ -244,21 +264,15 @@ async def publish_outbox(job: Job, entries: Iterable[OutboxEntry]) -> None:
                 "no topic for outbox entry", extra={"entry": entry.entry_id, "job_id": job.job_id}
             )
             continue
-        value = encode_payload(entry.payload)
-        pending.append((entry.entry_id, await topic.send(key=key, value=value, headers=headers)))
+        value = encode(render(job, entry))
+        pending.append((entry.entry_id, await _send(topic, key, value, headers)))
     if pending:
-        task = asyncio.ensure_future(_mark_when_delivered(job.job_id, pending))
+        task = asyncio.ensure_future(_note_delivery(job.job_id, pending))
         _background.add(task)
         task.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Future[None]] = set()
-
-
-def encode_payload(payload: dict[str, Any]) -> bytes:
-    import orjson
-
-    return orjson.dumps(payload)
 
 
 def _topic_for(entry: OutboxEntry) -> Any:
@@ -269,24 +283,15 @@ def _topic_for(entry: OutboxEntry) -> Any:
     return topics.dispatch.get(entry.provider or "")
 
 
-async def _mark_when_delivered(job_id: str, pending: list[tuple[str, Any]]) -> None:
-    delivered: list[str] = []
+async def _note_delivery(job_id: str, pending: list[tuple[str, Any]]) -> None:
+    """Remember what Kafka acknowledged; the job's next command marks it published."""
     for entry_id, future in pending:
         try:
             await future
         except Exception:  # noqa: BLE001 (left pending: the timer publishes it again)
             log.warning("outbox send failed", extra={"job_id": job_id, "entry": entry_id})
             continue
-        delivered.append(entry_id)
-    if not delivered:
-        return
-    mark = MarkPublished(
-        command_id=f"published:{job_id}:{','.join(delivered)}"[:256],
-        job_id=job_id,
-        at=datetime.now(UTC),
-        entry_ids=delivered,
-    )
-    await _command(job_id, encode(mark))
+        runtime.delivered.setdefault(job_id, {})[entry_id] = datetime.now(UTC)
 
 
 # -- timers ---------------------------------------------------------------------------------------
@@ -297,6 +302,13 @@ _assignment_seen: frozenset[Any] = frozenset()
 @app.timer(interval=settings.timer_interval_s)
 async def tick_due_jobs() -> None:
     """Turn deadlines, backoffs, attempt timeouts and stale outboxes into Tick commands."""
+    try:
+        await _tick_due_jobs()
+    except Exception:  # a timer that raises would stop the whole worker
+        log.exception("timer failed", extra={"event": "timers.failed"})
+
+
+async def _tick_due_jobs() -> None:
     global _assignment_seen  # noqa: PLW0603 (one timer per worker owns it)
     if app.rebalancing or app.in_recovery or not app.tables.recovery.completed.is_set():
         return
@@ -310,14 +322,17 @@ async def tick_due_jobs() -> None:
             command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
         )
         await _command(job_id, encode(tick))
-        runtime.wake.set(job_id, now + TICK_BACKOFF)
+        # No second tick while this one waits in the command topic: under load that would
+        # multiply commands. The job agent re-arms the timer when it applies a command.
+        runtime.wake.set(job_id, now + TICK_RESEND)
 
 
 def rebuild_wake_index() -> None:
     """After a rebalance, find every job of our partitions that needs a timer or a republish."""
     runtime.wake.clear()
     count = 0
-    for job_id, raw in jobs.items():
+    for key, raw in jobs.items():
+        job_id = key.decode() if isinstance(key, bytes) else str(key)
         try:
             job = decode_job(raw)
         except StateCorrupted:

@@ -27,6 +27,7 @@ def rocksdb_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings, topology: Topology) -> faust.App:
     """Build the faust app from settings, with the unauthenticated table and router pages off."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     return faust.App(
         settings.app_id,
         broker=[
@@ -51,6 +52,7 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
         web_graph_enabled=False,
         table_standby_replicas=0,
         producer_max_request_size=2 * 1024 * 1024,
+        producer_linger=settings.producer_linger_ms / 1000,
         consumer_auto_offset_reset="earliest",
     )
 

@@ -74,6 +74,8 @@ class Runtime:
     policy: RoutingPolicy
     health: HealthBook
     wake: WakeIndex = field(default_factory=WakeIndex)
+    #: Outbox entries Kafka acknowledged, per job, not yet marked published in the table.
+    delivered: dict[str, dict[str, datetime]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:

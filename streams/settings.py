@@ -34,10 +34,13 @@ class Settings(BaseSettings):
     rocksdb_block_cache_mb: int = 16
     rocksdb_write_buffer_mb: int = 4
     timer_interval_s: float = 0.25
+    producer_linger_ms: int = 3
+    outbox_retry_s: float = 5.0
     provider_concurrency: int = 64
     provider_group_id: str = "prompt-gateway-providers"
     provider_timeout_s: float = 60.0
     provider_data_dir: Path = Path("var/workers/providers-1")
+    provider_web_port: int = 6067
     max_request_bytes: int = 900_000
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None

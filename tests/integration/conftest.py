@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from tests.support.stack import Stack, new_stack
 from tests.support.workers import Worker
 
 
@@ -56,3 +57,18 @@ def spawned() -> Iterator[list[Worker]]:
     yield workers
     for worker in workers:
         worker.kill()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    kafka_bootstrap: str, run_id: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The whole system, shared by the pipeline tests: one control-plane and one provider worker."""
+    root = tmp_path_factory.mktemp("stack")
+    stack = new_stack(kafka_bootstrap, run_id, "pipe", root)
+    try:
+        stack.start_cp()
+        stack.start_providers()
+        yield stack
+    finally:
+        stack.stop()

@@ -1,0 +1,945 @@
+"""Scenarios of the job agent's decision: create, results, retries, fallback, timers, cancel."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from domain.catalogue import load_catalogue
+from domain.commands import CancelJob, CreateJob, MarkPublished, RecordResult, Tick
+from domain.decide import Context, Decision, decide
+from domain.errors import ErrorCode
+from domain.health import ProviderHealth
+from domain.ids import attempt_id_for, idempotency_key, job_id_for
+from domain.job import Job, OutboxEntry
+from domain.lifecycle import AttemptStatus, JobStatus, can_transition
+from domain.messages import (
+    Dispatch,
+    FinalResponse,
+    JobEvent,
+    JobRequest,
+    Output,
+    ProviderCancel,
+    ProviderResult,
+    RawProviderError,
+)
+from domain.outbox import render
+from domain.policy import load_policy
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+CATALOGUE = load_catalogue(CONFIG / "catalogue.yaml")
+POLICY = load_policy(CONFIG / "policy.yaml")
+CTX = Context(catalogue=CATALOGUE, policy=POLICY)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TENANT = "tenant-a"
+TIMEOUT = timedelta(milliseconds=POLICY.attempt_timeout_ms)
+TERMINAL_EVENTS = {"completed", "failed", "cancelled", "expired"}
+
+
+def secs(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def make_request(request_id: str = "r-1", **fields: Any) -> JobRequest:
+    body: dict[str, Any] = {
+        "request_id": request_id,
+        "tenant_id": TENANT,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        **fields,
+    }
+    return JobRequest.model_validate(body)
+
+
+class Flow:
+    """Drives one job through `decide`, keeping the latest state and unique command ids."""
+
+    def __init__(self, ctx: Context = CTX) -> None:
+        self.ctx = ctx
+        self.job: Job | None = None
+        self.count = 0
+        self.decisions: list[Decision] = []
+
+    @property
+    def state(self) -> Job:
+        assert self.job is not None
+        return self.job
+
+    def next_id(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}-{self.count}"
+
+    def apply(self, command: Any) -> Decision:
+        decision = decide(self.job, command, self.ctx)
+        self.decisions.append(decision)
+        if decision.job is not None:
+            self.job = decision.job
+        return decision
+
+    def create_command(
+        self, request: JobRequest | None = None, *, at: datetime = T0, command_id: str = ""
+    ) -> CreateJob:
+        request = request or make_request()
+        return CreateJob(
+            command_id=command_id or self.next_id("create"),
+            job_id=job_id_for(TENANT, request.request_id),
+            at=at,
+            tenant_id=TENANT,
+            fingerprint=request.fingerprint(),
+            request=request,
+        )
+
+    def create(self, request: JobRequest | None = None, *, at: datetime = T0) -> Decision:
+        return self.apply(self.create_command(request, at=at))
+
+    def result_command(
+        self,
+        kind: str,
+        *,
+        at: datetime,
+        attempt_id: str | None = None,
+        provider: str | None = None,
+        event_id: str | None = None,
+        command_id: str | None = None,
+        **fields: Any,
+    ) -> RecordResult:
+        job = self.state
+        attempt = job.attempt(attempt_id) if attempt_id else job.current
+        assert attempt is not None or (attempt_id and provider)
+        result = ProviderResult(
+            type=kind,  # type: ignore[arg-type]
+            event_id=event_id or self.next_id("ev"),
+            job_id=job.job_id,
+            attempt_id=attempt_id or (attempt.attempt_id if attempt else ""),
+            provider=provider or (attempt.provider if attempt else ""),
+            model=attempt.model if attempt else "m",
+            occurred_at=at,
+            **fields,
+        )
+        return RecordResult(
+            command_id=command_id or self.next_id("result"), job_id=job.job_id, at=at, result=result
+        )
+
+    def result(self, kind: str, *, at: datetime, **kwargs: Any) -> Decision:
+        return self.apply(self.result_command(kind, at=at, **kwargs))
+
+    def started(self, *, at: datetime, **kwargs: Any) -> Decision:
+        return self.result("started", at=at, **kwargs)
+
+    def completed(self, *, at: datetime, **kwargs: Any) -> Decision:
+        kwargs.setdefault("output", Output(text="Hello!", finish_reason="stop"))
+        kwargs.setdefault("raw_usage", {"input_tokens": 10, "output_tokens": 5})
+        return self.result("completed", at=at, **kwargs)
+
+    def fail(
+        self,
+        code: str = "provider_internal",
+        *,
+        at: datetime,
+        retry_after: str | None = None,
+        **kwargs: Any,
+    ) -> Decision:
+        error = RawProviderError(kind="simulated", code=code, retry_after=retry_after)
+        return self.result("failed", at=at, error=error, **kwargs)
+
+    def tick(self, at: datetime) -> Decision:
+        return self.apply(Tick(command_id=self.next_id("tick"), job_id=self.state.job_id, at=at))
+
+    def cancel(
+        self, *, at: datetime, tenant_id: str | None = TENANT, reason: str = "client gave up"
+    ) -> Decision:
+        return self.apply(
+            CancelJob(
+                command_id=self.next_id("cancel"),
+                job_id=self.state.job_id,
+                at=at,
+                tenant_id=tenant_id,
+                reason=reason,
+            )
+        )
+
+    def mark_published(self, entry_ids: list[str], *, at: datetime) -> Decision:
+        return self.apply(
+            MarkPublished(
+                command_id=self.next_id("pub"),
+                job_id=self.state.job_id,
+                at=at,
+                entry_ids=entry_ids,
+            )
+        )
+
+
+def created_flow(request: JobRequest | None = None, ctx: Context = CTX) -> Flow:
+    flow = Flow(ctx)
+    decision = flow.create(request)
+    assert decision.outcome == "created"
+    return flow
+
+
+def entries(decision: Decision, topic: str) -> list[OutboxEntry]:
+    return [e for e in decision.publish if e.topic == topic]
+
+
+def wire(job: Job, entry: OutboxEntry) -> dict[str, Any]:
+    """Render an outbox entry from the job's state and serialize it as the agent would send it."""
+    return render(job, entry).model_dump(mode="json")
+
+
+def event_types(job: Job) -> list[str]:
+    return [e.type for e in job.events]
+
+
+def new_events(before: Job, after: Job) -> list[JobEvent]:
+    assert after.events[: len(before.events)] == before.events
+    return after.events[len(before.events) :]
+
+
+def fail_until_terminal(flow: Flow, code: str = "provider_internal") -> datetime:
+    """Fail every attempt (ticking through backoffs) until the job ends; return the last time."""
+    at = T0
+    for _ in range(50):
+        job = flow.state
+        if job.terminal:
+            return at
+        if job.status is JobStatus.RETRYING:
+            assert job.retry_at is not None
+            at = job.retry_at
+            assert flow.tick(at).outcome == "retry_dispatched"
+            continue
+        at += timedelta(seconds=1)
+        flow.fail(code, at=at)
+    raise AssertionError("job never ended")
+
+
+# -- create ---------------------------------------------------------------------------------------
+
+
+def test_create_routes_and_dispatches_one_attempt() -> None:
+    flow = Flow()
+    decision = flow.create()
+    job = flow.state
+    assert decision.outcome == "created"
+    assert decision.changed
+    assert decision.dead_letter is None
+    assert job.status is JobStatus.DISPATCHED
+    assert job.job_id == job_id_for(TENANT, "r-1")
+    assert event_types(job) == ["created", "routed", "dispatched"]
+    assert [e.seq for e in job.events] == [1, 2, 3]
+    assert [e.state for e in job.events] == ["CREATED", "ROUTED", "DISPATCHED"]
+    assert job.status_times == {"CREATED": T0, "ROUTED": T0, "DISPATCHED": T0}
+    assert job.created_at == job.updated_at == T0
+
+    routing = job.decisions[0]
+    assert len(job.decisions) == 1
+    assert routing.chosen is not None
+    assert job.plan == routing.fallback_plan
+    assert routing.policy_version == POLICY.version
+    assert routing.catalogue_version == CATALOGUE.version
+
+    (attempt,) = job.attempts
+    assert attempt.attempt_id == attempt_id_for(job.job_id, 1)
+    assert (attempt.provider, attempt.model) == (routing.chosen.provider, routing.chosen.model)
+    assert attempt.attempt_no == attempt.provider_attempt_no == 1
+    assert attempt.status is AttemptStatus.DISPATCHED
+    assert attempt.timeout_at == T0 + TIMEOUT
+    assert job.next_wake() == T0 + TIMEOUT
+
+    (entry,) = entries(decision, "dispatch")
+    assert entry.entry_id == f"d-{attempt.attempt_id}"
+    assert entry.provider == attempt.provider
+    message = Dispatch.model_validate(wire(job, entry))
+    assert message.idempotency_key == f"{job.job_id}:{attempt.attempt_id}"
+    assert message.idempotency_key == idempotency_key(job.job_id, attempt.attempt_id)
+    assert (message.provider, message.model) == (attempt.provider, attempt.model)
+    assert message.attempt_no == message.provider_attempt_no == 1
+    assert message.request == job.request
+    assert message.dispatched_at == T0
+    assert message.timeout_ms == POLICY.attempt_timeout_ms
+
+    assert list(decision.publish) == job.outbox
+    events = [JobEvent.model_validate(wire(job, e)) for e in entries(decision, "events")]
+    assert events == job.events
+    assert [e.entry_id for e in entries(decision, "events")] == ["e1", "e2", "e3"]
+    assert job.events[2].data["idempotency_key"] == message.idempotency_key
+
+
+def test_create_with_a_deadline_sets_deadline_at() -> None:
+    flow = created_flow(make_request(deadline_ms=5_000))
+    assert flow.state.deadline_at == secs(5)
+    assert flow.state.next_wake() == secs(5)
+
+
+def test_tick_and_mark_published_for_a_missing_job_are_noops() -> None:
+    tick = Tick(command_id="t", job_id="job_missing", at=T0)
+    mark = MarkPublished(command_id="m", job_id="job_missing", at=T0, entry_ids=["e1"])
+    for command in (tick, mark):
+        decision = decide(None, command, CTX)
+        assert (decision.job, decision.outcome, decision.publish) == (None, "noop", ())
+        assert decision.dead_letter is None
+
+
+def test_constraints_that_exclude_everything_fail_with_no_eligible_target() -> None:
+    flow = Flow()
+    decision = flow.create(make_request(constraints={"capabilities": ["teleportation"]}))
+    job = flow.state
+    assert decision.outcome == "failed"
+    assert job.status is JobStatus.FAILED
+    assert job.attempts == []
+    assert entries(decision, "dispatch") == []
+    assert event_types(job) == ["created", "routed", "failed"]
+    (routing,) = job.decisions
+    assert routing.chosen is None
+    assert routing.candidates == []
+    assert routing.fallback_plan == []
+    assert len(routing.excluded) == sum(1 for _ in CATALOGUE.targets())
+    assert {e.reason_code for e in routing.excluded} <= {"capability_missing", "disabled"}
+    assert job.events[1].data["chosen"] is None
+    assert job.final is not None
+    assert job.final.state == "FAILED"
+    assert job.final.error is not None
+    assert job.final.error.code is ErrorCode.NO_ELIGIBLE_TARGET
+    assert "capability_missing" in job.final.error.message
+    assert job.final.provider is None
+    assert job.final.attempts == 0
+    (response,) = entries(decision, "responses")
+    assert FinalResponse.model_validate(wire(job, response)) == job.final
+    assert job.next_wake() is None
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+def test_started_result_moves_the_job_to_started() -> None:
+    flow = created_flow()
+    decision = flow.started(at=secs(1))
+    job = flow.state
+    assert decision.outcome == "started"
+    assert job.status is JobStatus.STARTED
+    assert job.status_times["STARTED"] == secs(1)
+    assert job.attempts[0].status is AttemptStatus.STARTED
+    assert job.attempts[0].started_at == secs(1)
+    assert event_types(job)[-1] == "started"
+    assert [e.topic for e in decision.publish] == ["events"]
+
+
+def test_completed_result_finishes_with_a_normalized_final_response() -> None:
+    flow = created_flow()
+    flow.started(at=secs(1))
+    decision = flow.completed(at=secs(2))
+    job = flow.state
+    attempt = job.attempts[0]
+    assert decision.outcome == "completed"
+    assert job.status is JobStatus.COMPLETED
+    assert job.terminal
+    assert attempt.status is AttemptStatus.COMPLETED
+    assert attempt.latency_ms == 2000
+    assert event_types(job)[-1] == "completed"
+
+    final = job.final
+    assert final is not None
+    assert final.state == "COMPLETED"
+    assert final.error is None
+    assert final.output == Output(text="Hello!", finish_reason="stop")
+    assert (final.provider, final.model) == (attempt.provider, attempt.model)
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (10, 5)
+    assert final.usage.total_tokens == 15
+    assert final.attempts == 1
+    assert (final.created_at, final.finished_at) == (T0, secs(2))
+
+    model = CATALOGUE.model(attempt.provider, attempt.model)
+    assert model is not None
+    assert model.prices is not None
+    expected = (10 * model.prices.input_per_mtok + 5 * model.prices.output_per_mtok) / Decimal(
+        1_000_000
+    )
+    dumped = final.model_dump(mode="json")
+    amount = dumped["cost"]["total"]["amount"]
+    assert isinstance(amount, str)
+    assert Decimal(amount) == expected
+    assert dumped["cost"]["total"]["currency"] == "USD"
+    assert [a["attempt_id"] for a in dumped["cost"]["attempts"]] == [attempt.attempt_id]
+
+    (response,) = entries(decision, "responses")
+    assert wire(job, response) == dumped
+    assert FinalResponse.model_validate(wire(job, response)) == final
+    assert job.events[-1].data["cost"]["amount"] == amount
+    assert [(o.provider, o.ok) for o in decision.observations] == [(attempt.provider, True)]
+    assert job.next_wake() is None
+
+
+def test_completed_straight_from_dispatched_is_legal() -> None:
+    flow = created_flow()
+    assert flow.completed(at=secs(1)).outcome == "completed"
+    assert "STARTED" not in flow.state.status_times
+    assert flow.state.status is JobStatus.COMPLETED
+
+
+def test_rate_limited_result_waits_in_retrying() -> None:
+    flow = created_flow()
+    first = flow.state.attempts[0]
+    decision = flow.fail("rate_limited", at=secs(1))
+    job = flow.state
+    assert decision.outcome == "attempt_failed"
+    assert job.status is JobStatus.RETRYING
+    assert job.retry_at is not None
+    assert job.retry_at > secs(1)
+    assert job.retry_target == first.target
+    assert job.next_wake() == job.retry_at
+    failed = job.attempts[0]
+    assert failed.status is AttemptStatus.FAILED
+    assert failed.error is not None
+    assert failed.error.code is ErrorCode.RATE_LIMITED
+    assert event_types(job)[-2:] == ["attempt_failed", "retried"]
+    assert job.events[-1].data["retry_at"] == job.retry_at.isoformat()
+    assert entries(decision, "dispatch") == []
+    assert [(o.provider, o.ok) for o in decision.observations] == [(first.provider, False)]
+
+
+def test_tick_before_retry_at_is_a_noop() -> None:
+    flow = created_flow()
+    flow.fail("rate_limited", at=secs(1))
+    job = flow.state
+    assert job.retry_at is not None
+    decision = flow.tick(job.retry_at - timedelta(milliseconds=1))
+    assert decision.outcome == "noop"
+    assert decision.job is job
+    assert decision.publish == ()
+    assert not decision.changed
+
+
+def test_tick_at_retry_at_dispatches_a_new_attempt_on_the_same_provider() -> None:
+    flow = created_flow()
+    first = flow.state.attempts[0]
+    flow.fail("rate_limited", at=secs(1))
+    retry_at = flow.state.retry_at
+    assert retry_at is not None
+    decision = flow.tick(retry_at)
+    job = flow.state
+    assert decision.outcome == "retry_dispatched"
+    assert job.status is JobStatus.DISPATCHED
+    assert job.retry_at is None
+    assert job.retry_target is None
+    second = job.attempts[1]
+    assert second.attempt_id == attempt_id_for(job.job_id, 2)
+    assert (second.provider, second.model) == (first.provider, first.model)
+    assert second.attempt_no == 2
+    assert second.provider_attempt_no == 2
+    assert second.dispatched_at == retry_at
+    assert second.timeout_at == retry_at + TIMEOUT
+    (entry,) = entries(decision, "dispatch")
+    message = Dispatch.model_validate(wire(job, entry))
+    assert message.attempt_id == second.attempt_id
+    assert message.provider_attempt_no == 2
+    assert message.idempotency_key == f"{job.job_id}:{second.attempt_id}"
+    # A second tick at the same time changes nothing.
+    assert flow.tick(retry_at).outcome == "noop"
+
+
+@pytest.mark.parametrize(
+    ("raw", "at_s"),
+    [
+        (RawProviderError(kind="simulated", code="rate_limited", retry_after="3"), 1),
+        (RawProviderError(kind="http", http_status=429, retry_after="3"), 1),
+        # An HTTP-date is read against the command's time, never the clock: 3 s after `at`.
+        (
+            RawProviderError(
+                kind="http", http_status=429, retry_after="Thu, 01 Jan 2026 00:00:04 GMT"
+            ),
+            1,
+        ),
+    ],
+)
+def test_retry_after_is_honoured(raw: RawProviderError, at_s: int) -> None:
+    flow = created_flow()
+    flow.result("failed", at=secs(at_s), error=raw)
+    job = flow.state
+    assert job.status is JobStatus.RETRYING
+    assert job.retry_at is not None
+    assert job.retry_at >= secs(at_s) + timedelta(seconds=3)
+    assert job.attempts[0].error is not None
+    assert job.attempts[0].error.retry_after_s == pytest.approx(3.0)
+    assert job.events[-1].data["delay_ms"] >= 3000
+
+
+def test_retry_after_is_capped_by_the_policy() -> None:
+    flow = created_flow()
+    flow.fail("rate_limited", at=secs(1), retry_after="3600")
+    assert flow.state.retry_at == secs(1) + timedelta(milliseconds=POLICY.retry.max_retry_after_ms)
+
+
+def test_provider_internal_twice_on_one_provider_falls_back_to_the_next_target() -> None:
+    flow = created_flow()
+    first = flow.state.attempts[0]
+    next_target = flow.state.plan[0]
+    assert next_target.provider != first.provider
+    flow.fail("provider_internal", at=secs(1))
+    assert flow.state.status is JobStatus.RETRYING
+    assert flow.state.retry_at is not None
+    flow.tick(flow.state.retry_at)
+    assert flow.state.attempts[1].provider == first.provider
+    before = flow.state
+    decision = flow.fail("provider_internal", at=secs(5))
+    job = flow.state
+    assert decision.outcome == "attempt_failed"
+    assert job.status is JobStatus.DISPATCHED
+    assert [e.type for e in new_events(before, job)] == ["attempt_failed", "fallback", "dispatched"]
+    assert [e.state for e in new_events(before, job)] == ["DISPATCHED", "ROUTED", "DISPATCHED"]
+    fallback = job.events[-2].data
+    assert (fallback["from_provider"], fallback["from_model"]) == (first.provider, first.model)
+    assert (fallback["to_provider"], fallback["to_model"]) == (
+        next_target.provider,
+        next_target.model,
+    )
+    assert fallback["reason"] == "provider_internal"
+    third = job.attempts[2]
+    assert (third.provider, third.model) == (next_target.provider, next_target.model)
+    assert third.attempt_no == 3
+    assert third.provider_attempt_no == 1
+    assert job.plan == before.plan[1:]
+    (entry,) = entries(decision, "dispatch")
+    assert entry.provider == next_target.provider
+    assert Dispatch.model_validate(wire(job, entry)).provider == next_target.provider
+
+
+def test_a_fallback_error_skips_the_retry() -> None:
+    flow = created_flow()
+    next_target = flow.state.plan[0]
+    flow.fail("quota_exhausted", at=secs(1))
+    job = flow.state
+    assert job.status is JobStatus.DISPATCHED
+    assert len(job.attempts) == 2
+    assert job.attempts[1].target == next_target
+    assert "retried" not in event_types(job)
+
+
+def test_a_non_retryable_error_fails_the_job_at_once() -> None:
+    flow = created_flow()
+    decision = flow.fail("invalid_request", at=secs(1))
+    job = flow.state
+    assert job.status is JobStatus.FAILED
+    assert len(job.attempts) == 1
+    assert job.final is not None
+    assert job.final.error is not None
+    assert job.final.error.code is ErrorCode.INVALID_REQUEST
+    assert len(entries(decision, "responses")) == 1
+
+
+def test_all_providers_failing_ends_failed_within_the_attempt_budget() -> None:
+    flow = created_flow()
+    fail_until_terminal(flow)
+    job = flow.state
+    budget = POLICY.retry.max_attempts_per_job
+    assert job.status is JobStatus.FAILED
+    assert 1 < len(job.attempts) <= budget
+    assert len(job.attempts) == min(budget, len(job.decisions[0].targets()) * 2)
+    for provider in {a.provider for a in job.attempts}:
+        on_provider = sum(1 for a in job.attempts if a.provider == provider)
+        assert on_provider <= POLICY.retry.max_attempts_per_provider
+    last = job.attempts[-1]
+    assert all(a.status is AttemptStatus.FAILED for a in job.attempts)
+    assert job.final is not None
+    assert job.final.state == "FAILED"
+    assert job.final.error == last.error
+    assert job.final.error is not None
+    assert job.final.error.code is ErrorCode.PROVIDER_INTERNAL
+    assert (job.final.provider, job.final.model) == (last.provider, last.model)
+    assert job.final.attempts == len(job.attempts)
+    assert event_types(job).count("failed") == 1
+    assert job.events[-1].data["error"]["code"] == "provider_internal"
+
+
+def test_exhausted_plan_fails_before_the_budget() -> None:
+    flow = created_flow(make_request(constraints={"providers": {"allow": ["sim-fast"]}}))
+    assert flow.state.plan == []
+    fail_until_terminal(flow)
+    job = flow.state
+    assert job.status is JobStatus.FAILED
+    assert [a.provider for a in job.attempts] == ["sim-fast", "sim-fast"]
+
+
+def test_fallback_skips_a_target_whose_circuit_is_open() -> None:
+    flow = created_flow()
+    skipped, after = flow.state.plan[0], flow.state.plan[1]
+    health = {
+        skipped.provider: ProviderHealth(
+            provider=skipped.provider, circuit="open", opened_at=T0, error_rate=0.9, samples=10
+        )
+    }
+    flow.ctx = Context(catalogue=CATALOGUE, policy=POLICY, health=health)
+    flow.fail("quota_exhausted", at=secs(1))
+    job = flow.state
+    assert job.attempts[-1].target == after
+    fallback = next(e for e in job.events if e.type == "fallback")
+    assert fallback.data["to_provider"] == after.provider
+    assert fallback.data["skipped"] == [{**skipped.model_dump(), "reason": "circuit_open"}]
+    assert job.plan == []
+
+
+def test_duplicate_result_event_is_ignored() -> None:
+    flow = created_flow()
+    flow.started(at=secs(1), event_id="ev-s")
+    before = flow.state
+    decision = flow.started(at=secs(2), event_id="ev-s")
+    assert decision.outcome == "duplicate_result"
+    assert flow.state.status is before.status
+    assert flow.state.attempts[0].started_at == secs(1)
+    assert [e.type for e in new_events(before, flow.state)] == ["duplicate_ignored"]
+
+
+def test_second_started_event_is_ignored() -> None:
+    flow = created_flow()
+    flow.started(at=secs(1))
+    decision = flow.started(at=secs(2))
+    assert decision.outcome == "duplicate_result"
+    assert flow.state.status_times["STARTED"] == secs(1)
+
+
+def test_result_naming_another_provider_is_a_late_result() -> None:
+    flow = created_flow()
+    before = flow.state
+    other = "sim-fast" if before.attempts[0].provider != "sim-fast" else "sim-smart"
+    decision = flow.completed(at=secs(1), provider=other)
+    assert decision.outcome == "late_result"
+    assert flow.state.status is JobStatus.DISPATCHED
+    assert [e.type for e in new_events(before, flow.state)] == ["late_result"]
+
+
+def test_late_result_for_a_superseded_attempt_is_only_recorded() -> None:
+    flow = created_flow()
+    first = flow.state.attempts[0]
+    flow.fail("quota_exhausted", at=secs(1))  # falls back: attempt 2 is current
+    before = flow.state
+    assert before.current is not None
+    assert before.current.attempt_id != first.attempt_id
+    decision = flow.completed(at=secs(2), attempt_id=first.attempt_id, provider=first.provider)
+    after = flow.state
+    assert decision.outcome == "late_result"
+    assert [e.type for e in new_events(before, after)] == ["late_result"]
+    assert [e.topic for e in decision.publish] == ["events"]
+    assert after.status is before.status
+    assert [a.status for a in after.attempts] == [a.status for a in before.attempts]
+    assert after.final is None
+    assert after.attempts[0].output is None
+
+
+def test_late_result_after_the_job_ended_changes_nothing_but_the_timeline() -> None:
+    flow = created_flow()
+    flow.cancel(at=secs(1))
+    before = flow.state
+    decision = flow.completed(at=secs(2))
+    assert decision.outcome == "late_result"
+    assert flow.state.status is JobStatus.CANCELLED
+    assert flow.state.final == before.final
+    assert [e.type for e in new_events(before, flow.state)] == ["late_result"]
+
+
+def test_result_for_an_unknown_attempt_is_a_late_result() -> None:
+    flow = created_flow()
+    before = flow.state
+    decision = flow.completed(
+        at=secs(1), attempt_id=attempt_id_for(before.job_id, 9), provider="sim-fast"
+    )
+    assert decision.outcome == "late_result"
+    assert flow.state.status is JobStatus.DISPATCHED
+    assert flow.state.attempts == before.attempts
+
+
+def test_result_for_an_unknown_job_is_dead_lettered() -> None:
+    result = ProviderResult(
+        type="completed",
+        event_id="ev-1",
+        job_id="job_missing",
+        attempt_id="job_missing-a1",
+        provider="sim-fast",
+        model="swift-mini-sim",
+        occurred_at=T0,
+    )
+    command = RecordResult(command_id="c-1", job_id="job_missing", at=T0, result=result)
+    decision = decide(None, command, CTX)
+    assert decision.job is None
+    assert decision.outcome == "unknown_job"
+    assert decision.dead_letter is not None
+    assert decision.dead_letter[0] == "unknown_job"
+    assert "job_missing" in decision.dead_letter[1]
+    assert decision.publish == ()
+
+
+# -- timers ---------------------------------------------------------------------------------------
+
+
+def test_attempt_timeout_cancels_at_the_provider_and_retries() -> None:
+    flow = created_flow()
+    first = flow.state.attempts[0]
+    assert flow.tick(first.timeout_at - timedelta(milliseconds=1)).outcome == "noop"
+    decision = flow.tick(first.timeout_at)
+    job = flow.state
+    assert decision.outcome == "attempt_timed_out"
+    timed_out = job.attempts[0]
+    assert timed_out.status is AttemptStatus.TIMED_OUT
+    assert timed_out.error is not None
+    assert timed_out.error.code is ErrorCode.TIMEOUT
+    assert timed_out.finished_at == first.timeout_at
+    assert timed_out.latency_ms == POLICY.attempt_timeout_ms
+    (cancel,) = entries(decision, "provider_cancel")
+    assert cancel.provider == first.provider
+    assert cancel.entry_id == f"c-{first.attempt_id}"
+    message = ProviderCancel.model_validate(wire(job, cancel))
+    assert message.attempt_id == first.attempt_id
+    assert message.idempotency_key == idempotency_key(job.job_id, first.attempt_id)
+    assert job.status is JobStatus.RETRYING
+    assert event_types(job)[-2:] == ["attempt_failed", "retried"]
+
+
+def test_second_timeout_on_a_provider_falls_back() -> None:
+    flow = created_flow()
+    first = flow.state.attempts[0]
+    next_target = flow.state.plan[0]
+    flow.tick(first.timeout_at)
+    assert flow.state.retry_at is not None
+    flow.tick(flow.state.retry_at)
+    second = flow.state.attempts[1]
+    decision = flow.tick(second.timeout_at)
+    job = flow.state
+    assert job.attempts[1].status is AttemptStatus.TIMED_OUT
+    assert len(entries(decision, "provider_cancel")) == 1
+    assert job.status is JobStatus.DISPATCHED
+    assert job.attempts[2].target == next_target
+    assert "fallback" in event_types(job)
+
+
+def test_deadline_expires_the_job_and_cancels_the_live_attempt() -> None:
+    flow = created_flow(make_request(deadline_ms=5_000))
+    flow.started(at=secs(1))
+    assert flow.tick(secs(4.999)).outcome == "noop"
+    decision = flow.tick(secs(5))
+    job = flow.state
+    assert decision.outcome == "expired"
+    assert job.status is JobStatus.EXPIRED
+    assert job.attempts[0].status is AttemptStatus.CANCELLED
+    assert job.final is not None
+    assert job.final.error is not None
+    assert job.final.error.code is ErrorCode.DEADLINE_EXCEEDED
+    assert job.final.state == "EXPIRED"
+    assert len(entries(decision, "provider_cancel")) == 1
+    assert len(entries(decision, "responses")) == 1
+    assert event_types(job)[-1] == "expired"
+    assert flow.tick(secs(6)).outcome == "noop"
+
+
+def test_deadline_while_retrying_expires_without_a_provider_cancel() -> None:
+    flow = created_flow(make_request(deadline_ms=2_000))
+    flow.fail("rate_limited", at=secs(1), retry_after="10")
+    assert flow.state.status is JobStatus.RETRYING
+    decision = flow.tick(secs(2))
+    assert flow.state.status is JobStatus.EXPIRED
+    assert entries(decision, "provider_cancel") == []
+    assert entries(decision, "dispatch") == []
+
+
+# -- cancel ---------------------------------------------------------------------------------------
+
+
+def test_cancel_ends_the_job_and_drops_the_live_attempt() -> None:
+    flow = created_flow()
+    flow.started(at=secs(1))
+    attempt = flow.state.attempts[0]
+    decision = flow.cancel(at=secs(2), reason="user pressed stop")
+    job = flow.state
+    assert decision.outcome == "cancelled"
+    assert job.status is JobStatus.CANCELLED
+    assert job.attempts[0].status is AttemptStatus.CANCELLED
+    (cancel,) = entries(decision, "provider_cancel")
+    assert cancel.provider == attempt.provider
+    message = ProviderCancel.model_validate(wire(job, cancel))
+    assert message.attempt_id == attempt.attempt_id
+    assert message.reason == "user pressed stop"
+    assert job.final is not None
+    assert job.final.error is not None
+    assert job.final.error.code is ErrorCode.CANCELLED
+    assert job.final.state == "CANCELLED"
+    assert event_types(job)[-1] == "cancelled"
+
+
+def test_cancel_without_a_tenant_is_accepted() -> None:
+    flow = created_flow()
+    assert flow.cancel(at=secs(1), tenant_id=None).outcome == "cancelled"
+
+
+def test_cancel_while_retrying_has_no_attempt_to_drop() -> None:
+    flow = created_flow()
+    flow.fail("rate_limited", at=secs(1))
+    decision = flow.cancel(at=secs(1.1))
+    assert flow.state.status is JobStatus.CANCELLED
+    assert flow.state.retry_at is None
+    assert entries(decision, "provider_cancel") == []
+
+
+def test_cancel_of_a_terminal_job_only_records_cancel_ignored() -> None:
+    flow = created_flow()
+    flow.completed(at=secs(1))
+    before = flow.state
+    decision = flow.cancel(at=secs(2))
+    after = flow.state
+    assert decision.outcome == "cancel_ignored"
+    assert after.status is JobStatus.COMPLETED
+    assert after.final == before.final
+    assert after.attempts == before.attempts
+    assert after.status_times == before.status_times
+    assert [e.type for e in new_events(before, after)] == ["cancel_ignored"]
+    assert [e.topic for e in decision.publish] == ["events"]
+
+
+def test_cancel_by_another_tenant_is_an_unknown_job() -> None:
+    flow = created_flow()
+    before = flow.state
+    decision = flow.cancel(at=secs(1), tenant_id="tenant-b")
+    assert decision.outcome == "unknown_job"
+    assert decision.job is None
+    assert decision.dead_letter is not None
+    assert decision.dead_letter[0] == "unknown_job"
+    assert decision.publish == ()
+    assert flow.state is before
+    assert flow.state.status is JobStatus.DISPATCHED
+
+
+# -- duplicates and redelivery --------------------------------------------------------------------
+
+
+def test_duplicate_create_with_the_same_fingerprint_is_one_job() -> None:
+    flow = created_flow()
+    before = flow.state
+    decision = flow.create(at=secs(1))
+    after = flow.state
+    assert decision.outcome == "duplicate_request"
+    assert decision.dead_letter is None
+    assert after.job_id == before.job_id
+    assert after.attempts == before.attempts
+    assert after.status is before.status
+    assert [e.type for e in new_events(before, after)] == ["duplicate_ignored"]
+    # The pending outbox is offered again, so a lost publish is repaired.
+    assert [e.entry_id for e in decision.publish[: len(before.outbox)]] == [
+        e.entry_id for e in before.outbox
+    ]
+
+
+def test_create_with_another_fingerprint_is_a_conflict() -> None:
+    flow = created_flow()
+    before = flow.state
+    other = make_request(messages=[{"role": "user", "content": "Something else."}])
+    assert other.fingerprint() != before.fingerprint
+    decision = flow.create(other, at=secs(1))
+    after = flow.state
+    assert decision.outcome == "conflict"
+    assert decision.dead_letter is not None
+    assert decision.dead_letter[0] == "conflict"
+    assert after.request == before.request
+    assert after.fingerprint == before.fingerprint
+    assert after.attempts == before.attempts
+    assert [e.type for e in new_events(before, after)] == ["conflict"]
+
+
+@pytest.mark.parametrize("kind", ["result", "cancel", "create"])
+def test_a_redelivered_command_is_a_duplicate_command(kind: str) -> None:
+    flow = created_flow()
+    if kind == "result":
+        command: Any = flow.result_command("started", at=secs(1))
+    elif kind == "cancel":
+        command = CancelJob(command_id="cancel-x", job_id=flow.state.job_id, at=secs(1))
+    else:
+        command = flow.create_command(at=T0, command_id="create-x")
+        flow.apply(command)
+        command = flow.create_command(at=T0, command_id="create-x")
+    if kind != "create":
+        flow.apply(command)
+    job = flow.state
+    assert job.outbox  # something is still pending
+    decision = decide(job, command, CTX)
+    assert decision.outcome == "duplicate_command"
+    assert decision.job is job
+    assert decision.publish == tuple(job.outbox)
+    assert not decision.changed
+
+
+def test_the_first_create_command_is_remembered() -> None:
+    flow = Flow()
+    command = flow.create_command()
+    flow.apply(command)
+    decision = decide(flow.state, command, CTX)
+    assert decision.outcome == "duplicate_command"
+    assert decision.job is flow.state
+
+
+# -- outbox ---------------------------------------------------------------------------------------
+
+
+def test_mark_published_removes_entries_and_is_idempotent() -> None:
+    flow = created_flow()
+    job = flow.state
+    ids = [e.entry_id for e in job.outbox]
+    partial = flow.mark_published(ids[:2], at=secs(1))
+    assert partial.outcome == "published"
+    assert [e.entry_id for e in flow.state.outbox] == ids[2:]
+    assert partial.publish == ()
+    assert flow.state.events == job.events
+    assert flow.state.status is job.status
+    full = flow.mark_published(ids, at=secs(1))
+    assert full.outcome == "published"
+    assert flow.state.outbox == []
+    done = flow.state
+    again = flow.mark_published(ids, at=secs(2))
+    assert again.outcome == "noop"
+    assert again.job is done
+    unknown = flow.mark_published(["nope"], at=secs(2))
+    assert unknown.outcome == "noop"
+    assert unknown.job is done
+
+
+def test_only_new_entries_are_published_after_a_mark() -> None:
+    flow = created_flow()
+    flow.mark_published([e.entry_id for e in flow.state.outbox], at=secs(1))
+    decision = flow.started(at=secs(2))
+    assert list(decision.publish) == flow.state.outbox
+
+
+# -- whole runs -----------------------------------------------------------------------------------
+
+
+def _script() -> list[Any]:
+    flow = created_flow(make_request(deadline_ms=60_000))
+    flow.started(at=secs(1))
+    flow.fail("overloaded", at=secs(2))
+    assert flow.state.retry_at is not None
+    flow.tick(flow.state.retry_at)
+    flow.fail("provider_internal", at=secs(4))
+    flow.mark_published([e.entry_id for e in flow.state.outbox[:3]], at=secs(5))
+    flow.completed(at=secs(6))
+    flow.cancel(at=secs(7))
+    return list(flow.decisions)
+
+
+def test_a_job_run_is_deterministic() -> None:
+    first = [(d.outcome, d.job, d.publish) for d in _script()]
+    second = [(d.outcome, d.job, d.publish) for d in _script()]
+    assert first == second
+
+
+def test_a_full_run_follows_the_transition_table() -> None:
+    decisions = _script()
+    job = decisions[-1].job
+    assert job is not None
+    assert job.status is JobStatus.COMPLETED
+    states = [e.state for e in job.events]
+    for before, after in pairwise(states):
+        assert before == after or can_transition(JobStatus(before), JobStatus(after))
+    assert [e.seq for e in job.events] == list(range(1, len(job.events) + 1))
+    assert sum(1 for e in job.events if e.type in TERMINAL_EVENTS) == 1
+    assert job.final is not None
+    assert job.final.attempts == 3
+    assert job.final.cost.total is not None
+    # Only the winning attempt was billed; the failed ones carried no usage.
+    assert [a.attempt_id for a in job.final.cost.attempts] == [job.attempts[2].attempt_id]
