@@ -1,10 +1,64 @@
-"""Web views served by every control-plane worker."""
+"""Web views served by every control-plane worker.
+
+Views only read the job table (on the worker that owns the job) and produce commands; the job
+agent is the only writer. Every error is `application/problem+json`.
+"""
 
 from __future__ import annotations
 
-from faust.web import Request, Response, View
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any
 
-from streams.app import app
+import orjson
+from aiohttp import web
+from faust.web import View
+from pydantic import ValidationError
+
+from api.auth import KeyRing, authenticate
+from api.openapi import openapi_document
+from api.problems import Problem, json_response, not_found
+from api.render import events_body, links, status_body
+from api.routing import forward, owner
+from api.timeline import timeline_page
+from domain.codec import encode, field_errors
+from domain.commands import CancelJob, CreateJob
+from domain.ids import job_id_for
+from domain.job import Job
+from domain.messages import JobRequest
+from streams.agents import jobs, send_command
+from streams.app import app, runtime, settings
+from streams.tracing import from_headers, to_headers
+from tables.exceptions import StateCorrupted
+from tables.jobs import decode_job
+
+log = logging.getLogger(__name__)
+keyring = KeyRing.from_settings(settings)
+
+#: Longest long-poll a client may ask for with ?wait=N.
+MAX_WAIT_S = 30.0
+
+Handler = Callable[..., Awaitable[web.StreamResponse]]
+
+
+def problems(handler: Handler) -> Handler:
+    """Turn Problems and unexpected errors into problem documents."""
+
+    @wraps(handler)
+    async def wrapped(self: View, request: web.Request, **kwargs: Any) -> web.StreamResponse:
+        try:
+            return await handler(self, request, **kwargs)
+        except Problem as problem:
+            return problem.response()
+        except Exception:
+            log.exception("view failed", extra={"event": "api.error", "path": request.path})
+            return Problem(500, "internal", "Internal error", "the server failed").response()
+
+    return wrapped
 
 
 def ready() -> tuple[bool, str]:
@@ -18,14 +72,318 @@ def ready() -> tuple[bool, str]:
     return True, "ready"
 
 
+def load(job_id: str, tenant: str) -> Job:
+    """Read a job this worker owns; another tenant's job is exactly as absent as a missing one."""
+    try:
+        job = decode_job(jobs.get(job_id))
+    except StateCorrupted as exc:
+        raise Problem(500, "state-corrupted", "Stored job unreadable", str(exc)) from None
+    if job is None or job.tenant_id != tenant:
+        raise not_found(job_id)
+    return job
+
+
+async def owned(request: web.Request, job_id: str) -> web.Response | None:
+    """Forward to the owner, or return None to serve it here."""
+    dest = owner(job_id)
+    return await forward(request, dest) if dest is not None else None
+
+
+# -- probes and documents -------------------------------------------------------------------------
+
+
 @app.page("/healthz")
 class Health(View):
-    async def get(self, request: Request) -> Response:
-        return self.json({"status": "ok"})
+    async def get(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
 
 
 @app.page("/readyz")
 class Ready(View):
-    async def get(self, request: Request) -> Response:
+    async def get(self, request: web.Request) -> web.Response:
         ok, reason = ready()
-        return self.json({"ready": ok, "reason": reason}, status=200 if ok else 503)
+        return json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
+
+
+@app.page("/openapi.json")
+class OpenAPI(View):
+    async def get(self, request: web.Request) -> web.Response:
+        return json_response(openapi_document())
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+
+@app.page("/jobs")
+class Jobs(View):
+    @problems
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        tenant = authenticate(keyring, request)
+        if request.content_type != "application/json":
+            raise Problem(
+                415,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "send the job request as application/json",
+            )
+        body = await _read_body(request)
+        payload = _parse_request(body, tenant)
+        job_id = job_id_for(tenant, payload.request_id)
+        forwarded = await owned(request, job_id)
+        if forwarded is not None:
+            return forwarded
+        fingerprint = payload.fingerprint()
+        existing = decode_job(jobs.get(job_id))
+        location = {"Location": f"/jobs/{job_id}"}
+        if existing is not None:
+            if existing.fingerprint != fingerprint:
+                raise Problem(
+                    409,
+                    "request-conflict",
+                    "Conflicting request",
+                    f"request_id {payload.request_id!r} was already accepted with another payload",
+                    job_id=job_id,
+                )
+            return json_response(
+                {
+                    "job_id": job_id,
+                    "state": existing.status.value,
+                    "created": False,
+                    "links": links(job_id),
+                },
+                status=202,
+                headers=location,
+            )
+        trace = from_headers([(k, v.encode()) for k, v in request.headers.items()])
+        create = CreateJob(
+            command_id=f"http:{uuid.uuid4().hex}",
+            job_id=job_id,
+            at=datetime.now(UTC),
+            tenant_id=tenant,
+            fingerprint=fingerprint,
+            request=payload,
+            trace=trace,
+            source="http",
+        )
+        await (await send_command(job_id, encode(create), to_headers(trace)))
+        return json_response(
+            {"job_id": job_id, "state": "ACCEPTED", "created": True, "links": links(job_id)},
+            status=202,
+            headers=location,
+        )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = settings.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        body.extend(chunk)
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, "request-too-large", "Request too large", f"the body is over {limit} bytes")
+
+
+def _parse_request(body: bytes, tenant: str) -> JobRequest:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(422, "invalid-request", "Invalid request", f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise Problem(422, "invalid-request", "Invalid request", "the body must be a JSON object")
+    claimed = data.get("tenant_id")
+    if claimed is not None and claimed != tenant:
+        raise Problem(
+            422,
+            "invalid-request",
+            "Invalid request",
+            "tenant_id comes from the API key; leave it out",
+            errors=[{"loc": ["tenant_id"], "msg": "does not match the API key", "type": "tenant"}],
+        )
+    data["tenant_id"] = tenant
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        raise Problem(
+            422,
+            "invalid-request",
+            "Invalid request",
+            "the job request has invalid fields",
+            errors=field_errors(exc),
+        ) from None
+
+
+@app.page("/jobs/{job_id}")
+class JobStatus(View):
+    @problems
+    async def get(self, request: web.Request, job_id: str) -> web.StreamResponse:
+        tenant = authenticate(keyring, request)
+        forwarded = await owned(request, job_id)
+        if forwarded is not None:
+            return forwarded
+        return json_response(status_body(load(job_id, tenant)))
+
+
+@app.page("/jobs/{job_id}/result")
+class JobResult(View):
+    @problems
+    async def get(self, request: web.Request, job_id: str) -> web.StreamResponse:
+        tenant = authenticate(keyring, request)
+        wait = _wait_seconds(request)
+        forwarded = await owned(request, job_id)
+        if forwarded is not None:
+            return forwarded
+        job = load(job_id, tenant)
+        deadline = asyncio.get_running_loop().time() + wait
+        while job.final is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            owner(job_id)  # still ours? (raises 503 when the partition moved meanwhile)
+            job = load(job_id, tenant)
+        if job.final is None:
+            return json_response(
+                {
+                    "job_id": job_id,
+                    "state": job.status.value,
+                    "final": False,
+                    "links": links(job_id),
+                },
+                status=202,
+                headers={"Retry-After": "1"},
+            )
+        return json_response(job.final.model_dump(mode="json"))
+
+
+def _wait_seconds(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Problem(422, "invalid-request", "Invalid request", "wait must be a number") from None
+    if not 0 <= value <= MAX_WAIT_S:
+        raise Problem(
+            422, "invalid-request", "Invalid request", f"wait must be between 0 and {MAX_WAIT_S:g}"
+        )
+    return value
+
+
+@app.page("/jobs/{job_id}/events")
+class JobEvents(View):
+    @problems
+    async def get(self, request: web.Request, job_id: str) -> web.StreamResponse:
+        tenant = authenticate(keyring, request)
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            raise Problem(
+                422, "invalid-request", "Invalid request", "after must be an integer"
+            ) from None
+        if after < 0:
+            raise Problem(422, "invalid-request", "Invalid request", "after must be >= 0")
+        forwarded = await owned(request, job_id)
+        if forwarded is not None:
+            return forwarded
+        return json_response(events_body(load(job_id, tenant), after))
+
+
+@app.page("/jobs/{job_id}/timeline")
+class JobTimeline(View):
+    @problems
+    async def get(self, request: web.Request, job_id: str) -> web.StreamResponse:
+        tenant = authenticate(keyring, request, allow_query=True)
+        forwarded = await owned(request, job_id)
+        if forwarded is not None:
+            return forwarded
+        html = timeline_page(load(job_id, tenant))
+        return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
+@app.page("/jobs/{job_id}/cancel")
+class JobCancel(View):
+    @problems
+    async def post(self, request: web.Request, job_id: str) -> web.StreamResponse:
+        tenant = authenticate(keyring, request)
+        forwarded = await owned(request, job_id)
+        if forwarded is not None:
+            return forwarded
+        job = load(job_id, tenant)
+        if job.terminal:
+            raise Problem(
+                409,
+                "job-final",
+                "Job already final",
+                f"job {job_id} is {job.status.value}",
+                state=job.status.value,
+            )
+        cancel = CancelJob(
+            command_id=f"http-cancel:{uuid.uuid4().hex}",
+            job_id=job_id,
+            at=datetime.now(UTC),
+            tenant_id=tenant,
+            reason="cancelled by client",
+        )
+        await (await send_command(job_id, encode(cancel)))
+        return json_response(
+            {
+                "job_id": job_id,
+                "state": job.status.value,
+                "cancel_requested": True,
+                "links": links(job_id),
+            },
+            status=202,
+        )
+
+
+@app.page("/providers")
+class Providers(View):
+    @problems
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        authenticate(keyring, request)
+        from domain.health import effective_circuit
+
+        now = datetime.now(UTC)
+        health = runtime.health.snapshot()
+        providers = []
+        for spec in runtime.catalogue.providers:
+            observed = health.get(spec.name)
+            providers.append(
+                {
+                    "name": spec.name,
+                    "kind": spec.kind,
+                    "enabled": spec.enabled,
+                    "region": spec.region,
+                    "models": [
+                        {
+                            "name": m.name,
+                            "capabilities": m.capabilities,
+                            "context_window": m.context_window,
+                            "max_output_tokens": m.max_output_tokens,
+                            "prices": m.prices.model_dump(mode="json") if m.prices else None,
+                            "expected_latency_ms": m.expected_latency_ms,
+                        }
+                        for m in spec.models
+                    ],
+                    "health": {
+                        "latency_ewma_ms": observed.latency_ewma_ms if observed else None,
+                        "error_rate": observed.error_rate if observed else 0.0,
+                        "samples": observed.samples if observed else 0,
+                        "circuit": effective_circuit(observed, now, runtime.policy.circuit)
+                        if observed
+                        else "closed",
+                    },
+                }
+            )
+        return json_response(
+            {
+                "catalogue_version": runtime.catalogue.version,
+                "policy_version": runtime.policy.version,
+                "health_scope": "results applied by the answering worker",
+                "providers": providers,
+            }
+        )

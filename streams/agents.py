@@ -81,7 +81,7 @@ async def _dead_letter(event: EventT, reason: str, detail: str) -> None:
     )
 
 
-async def _command(
+async def send_command(
     job_id: str, payload: bytes, headers: list[tuple[str, bytes]] | None = None
 ) -> Any:
     """Send a command keyed by job_id; returns the delivery future (batched by the producer)."""
@@ -131,7 +131,7 @@ async def _accept(event: EventT) -> None:
             tenant_id=request.tenant_id,
             reason=request.reason or "cancelled by producer",
         )
-        await _command(job_id, encode(cancel))
+        await send_command(job_id, encode(cancel))
         return
     job_id = job_id_for(request.tenant_id, request.request_id)
     trace = from_headers(_headers(event))
@@ -145,7 +145,7 @@ async def _accept(event: EventT) -> None:
         trace=trace,
         source="kafka",
     )
-    await _command(job_id, encode(create), to_headers(trace))
+    await send_command(job_id, encode(create), to_headers(trace))
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ async def results(stream: Any) -> AsyncIterator[None]:
                     at=datetime.now(UTC),
                     result=result,
                 )
-                await _command(result.job_id, encode(command), to_headers(result.trace))
+                await send_command(result.job_id, encode(command), to_headers(result.trace))
         except Exception as exc:
             log.exception("results failed")
             await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
@@ -321,7 +321,7 @@ async def _tick_due_jobs() -> None:
         tick = Tick(
             command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
         )
-        await _command(job_id, encode(tick))
+        await send_command(job_id, encode(tick))
         # No second tick while this one waits in the command topic: under load that would
         # multiply commands. The job agent re-arms the timer when it applies a command.
         runtime.wake.set(job_id, now + TICK_RESEND)

@@ -1,0 +1,231 @@
+"""The OpenAPI 3.1 document of the HTTP API, with schemas generated from the canonical models."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+
+from domain.messages import FinalResponse, JobEvent, JobRequest
+
+REF = "#/components/schemas/{model}"
+
+
+def _schemas(*models: type[BaseModel], mode: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=REF, mode=mode)  # type: ignore[arg-type]
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+_PROBLEM = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+    },
+}
+_LINKS = {"type": "object", "additionalProperties": {"type": "string"}}
+_ACCEPTED = {
+    "type": "object",
+    "required": ["job_id", "state", "links"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "state": {"type": "string"},
+        "created": {"type": "boolean"},
+        "final": {"type": "boolean"},
+        "cancel_requested": {"type": "boolean"},
+        "links": _LINKS,
+    },
+}
+_STATUS = {
+    "type": "object",
+    "required": ["job_id", "request_id", "tenant_id", "state", "attempts", "transitions", "links"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "request_id": {"type": "string"},
+        "tenant_id": {"type": "string"},
+        "state": {"type": "string"},
+        "terminal": {"type": "boolean"},
+        "created_at": {"type": "string"},
+        "updated_at": {"type": "string"},
+        "deadline_at": {"type": ["string", "null"]},
+        "transitions": {"type": "object", "additionalProperties": {"type": "string"}},
+        "attempts": {"type": "array", "items": {"type": "object"}},
+        "routing": {"type": ["object", "null"]},
+        "error": {"type": ["object", "null"]},
+        "links": _LINKS,
+    },
+}
+_EVENTS = {
+    "type": "object",
+    "required": ["job_id", "state", "events", "last_seq"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "state": {"type": "string"},
+        "events": {"type": "array", "items": {"$ref": REF.format(model="JobEvent")}},
+        "last_seq": {"type": "integer"},
+        "ignored_events": {"type": "integer"},
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _problems(*codes: int) -> dict[str, Any]:
+    titles = {
+        401: "No or unknown API key",
+        404: "No such job for this tenant",
+        409: "Conflict",
+        413: "Body too large",
+        415: "Not application/json",
+        422: "Invalid input",
+        503: "Rebalancing: retry after the Retry-After header",
+    }
+    return {
+        str(code): {
+            "description": titles[code],
+            "content": {
+                "application/problem+json": {"schema": {"$ref": REF.format(model="Problem")}}
+            },
+        }
+        for code in codes
+    }
+
+
+_JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """Build the document once per process."""
+    schemas = _schemas(JobRequest, mode="validation")
+    schemas.update(_schemas(FinalResponse, JobEvent, mode="serialization"))
+    schemas.update(
+        Problem=_PROBLEM, Accepted=_ACCEPTED, JobStatusView=_STATUS, JobEventsView=_EVENTS
+    )
+    ref = REF.format
+    read = _problems(401, 404, 422, 503)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Prompt Gateway control plane",
+            "version": "1",
+            "description": "Submit prompt jobs, read their status, final result and timeline.",
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/jobs": {
+                "post": {
+                    "summary": "Submit a job (tenant from the API key)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": ref(model="JobRequest")}}
+                        },
+                    },
+                    "responses": {
+                        "202": _json({"$ref": ref(model="Accepted")}, "Accepted (or the same job)"),
+                        **_problems(401, 409, 413, 415, 422, 503),
+                    },
+                }
+            },
+            "/jobs/{job_id}": {
+                "get": {
+                    "summary": "Job status, transitions, attempts and routing",
+                    "parameters": [_JOB_ID],
+                    "responses": {
+                        "200": _json({"$ref": ref(model="JobStatusView")}, "Status"),
+                        **read,
+                    },
+                }
+            },
+            "/jobs/{job_id}/result": {
+                "get": {
+                    "summary": "The final canonical response; 202 while not final",
+                    "parameters": [
+                        _JOB_ID,
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "minimum": 0, "maximum": 30},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json({"$ref": ref(model="FinalResponse")}, "Final response"),
+                        "202": _json({"$ref": ref(model="Accepted")}, "Not final yet"),
+                        **read,
+                    },
+                }
+            },
+            "/jobs/{job_id}/events": {
+                "get": {
+                    "summary": "The job's immutable timeline, ordered by seq",
+                    "parameters": [
+                        _JOB_ID,
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json({"$ref": ref(model="JobEventsView")}, "Events"),
+                        **read,
+                    },
+                }
+            },
+            "/jobs/{job_id}/cancel": {
+                "post": {
+                    "summary": "Cancel a job that is not final",
+                    "parameters": [_JOB_ID],
+                    "responses": {
+                        "202": _json({"$ref": ref(model="Accepted")}, "Cancel requested"),
+                        **_problems(401, 404, 409, 503),
+                    },
+                }
+            },
+            "/providers": {
+                "get": {
+                    "summary": "The catalogue with live provider health",
+                    "responses": {"200": _json({"type": "object"}, "Providers"), **_problems(401)},
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "The process is up",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"}, "Up")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Broker reachable, partitions assigned, tables recovered",
+                    "security": [],
+                    "responses": {
+                        "200": _json({"type": "object"}, "Ready"),
+                        "503": _json({"type": "object"}, "Not ready"),
+                    },
+                }
+            },
+        },
+    }

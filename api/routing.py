@@ -1,0 +1,70 @@
+"""Serve a job's request on the worker that owns its partition, forwarding when it is elsewhere."""
+
+from __future__ import annotations
+
+from aiohttp import ClientError, ClientTimeout, web
+from faust.types import TP
+from yarl import URL
+
+from api.problems import unavailable
+from streams.app import app, topics
+
+FORWARDED = "X-CP-Forwarded"
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+
+def job_partition(job_id: str) -> int:
+    return int(
+        app.producer.key_partition(topics.commands.get_topic_name(), job_id.encode()).partition
+    )
+
+
+def _ident(url: URL) -> tuple[str, int]:
+    return (url.host or "", int(url.port or 80))
+
+
+def owner(job_id: str) -> URL | None:
+    """Return the owner's URL, or None when this worker owns the job and can answer now."""
+    if app.rebalancing or not app.tables.recovery.completed.is_set():
+        raise unavailable("the worker is rebalancing or recovering its tables")
+    try:
+        dest = app.router.key_store("jobs", job_id)
+    except KeyError:
+        raise unavailable("no worker owns this job's partition yet") from None
+    if _ident(dest) != _ident(URL(app.conf.canonical_url)):
+        return dest
+    tp = TP(topics.commands.get_topic_name(), job_partition(job_id))
+    if tp not in app.assignor.assigned_actives():
+        raise unavailable("this job's partition is moving between workers")
+    return None
+
+
+async def forward(request: web.Request, dest: URL, timeout_s: float = 65.0) -> web.Response:
+    """Send the request, body included, to the owner and relay its answer."""
+    if request.headers.get(FORWARDED):
+        raise unavailable("ownership changed while the request was forwarded")
+    url = request.url.with_host(dest.host or "127.0.0.1").with_port(dest.port)
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers[FORWARDED] = "1"
+    body = await request.read()
+    try:
+        async with app.http_client.request(
+            request.method,
+            url,
+            headers=headers,
+            data=body or None,
+            timeout=ClientTimeout(total=timeout_s),
+        ) as response:
+            relay = {
+                k: v
+                for k, v in response.headers.items()
+                if k.lower() in ("retry-after", "location")
+            }
+            return web.Response(
+                status=response.status,
+                body=await response.read(),
+                content_type=response.content_type,
+                headers=relay,
+            )
+    except (ClientError, TimeoutError) as exc:
+        raise unavailable(f"the owning worker did not answer: {exc.__class__.__name__}") from None
