@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from faust.web import View
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from api.auth import KeyRing, authenticate
@@ -29,10 +30,10 @@ from domain.codec import encode, field_errors
 from domain.commands import CancelJob, CreateJob
 from domain.ids import job_id_for
 from domain.job import Job
-from domain.messages import JobRequest
+from domain.messages import JobRequest, TraceContext
 from streams.agents import jobs, send_command
 from streams.app import app, runtime, settings
-from streams.tracing import from_headers, to_headers
+from streams.tracing import from_headers, span, to_headers
 from tables.exceptions import StateCorrupted
 from tables.jobs import decode_job
 
@@ -154,23 +155,45 @@ class Jobs(View):
                 status=202,
                 headers=location,
             )
-        trace = from_headers([(k, v.encode()) for k, v in request.headers.items()])
-        create = CreateJob(
-            command_id=f"http:{uuid.uuid4().hex}",
-            job_id=job_id,
-            at=datetime.now(UTC),
-            tenant_id=tenant,
-            fingerprint=fingerprint,
-            request=payload,
-            trace=trace,
-            source="http",
-        )
-        await (await send_command(job_id, encode(create), to_headers(trace)))
-        return json_response(
-            {"job_id": job_id, "state": "ACCEPTED", "created": True, "links": links(job_id)},
-            status=202,
-            headers=location,
-        )
+        parent = from_headers([(k, v.encode()) for k, v in request.headers.items()])
+        with span(
+            "http.submit", parent, kind=SpanKind.SERVER, job_id=job_id, tenant_id=tenant
+        ) as trace:
+            return await _submit(
+                job_id=job_id,
+                tenant=tenant,
+                fingerprint=fingerprint,
+                payload=payload,
+                trace=trace,
+                location=location,
+            )
+
+
+async def _submit(
+    *,
+    job_id: str,
+    tenant: str,
+    fingerprint: str,
+    payload: JobRequest,
+    trace: TraceContext,
+    location: dict[str, str],
+) -> web.Response:
+    create = CreateJob(
+        command_id=f"http:{uuid.uuid4().hex}",
+        job_id=job_id,
+        at=datetime.now(UTC),
+        tenant_id=tenant,
+        fingerprint=fingerprint,
+        request=payload,
+        trace=trace,
+        source="http",
+    )
+    await (await send_command(job_id, encode(create), to_headers(trace)))
+    return json_response(
+        {"job_id": job_id, "state": "ACCEPTED", "created": True, "links": links(job_id)},
+        status=202,
+        headers=location,
+    )
 
 
 async def _read_body(request: web.Request) -> bytes:

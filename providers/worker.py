@@ -23,6 +23,15 @@ from typing import Any
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from opentelemetry.trace import SpanKind
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import ValidationError
 from rocksdict import Options, Rdict
 
@@ -39,6 +48,7 @@ from providers.base import Completed, Failed, Outcome, ProviderAdapter
 from providers.registry import build_adapters
 from streams.settings import Settings, get_settings
 from streams.topology import load_topology
+from streams.tracing import setup_tracing, span
 
 log = logging.getLogger("providers.worker")
 
@@ -75,6 +85,41 @@ class OffsetTracker:
             self.inflight.pop(tp, None)
             self.next.pop(tp, None)
             self.committed.pop(tp, None)
+
+
+class ProviderMetrics:
+    """What the provider worker exposes on /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "provider_calls",
+            "Provider calls by outcome",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "provider_call_latency_seconds",
+            "Provider call time",
+            ["provider"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "provider_calls_in_flight", "Calls running now", registry=self.registry
+        )
+        self.skipped = Counter(
+            "provider_dispatches_skipped",
+            "Dispatches not run: already handled or cancelled",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "provider_dead_letters",
+            "Dispatch records sent to the dead-letter topic",
+            ["reason"],
+            registry=self.registry,
+        )
 
 
 class HandledKeys:
@@ -127,6 +172,7 @@ class ProviderWorker:
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.slots = asyncio.Semaphore(settings.provider_concurrency)
         self.stopping = asyncio.Event()
+        self.metrics = ProviderMetrics()
         topology = load_topology(settings.topics_file)
         self.dispatch_topics = [
             settings.topic(spec.name)
@@ -217,14 +263,27 @@ class ProviderWorker:
             return
         key = dispatch.idempotency_key
         if key in self.handled or key in self.cancelled or key in self.inflight:
-            log.info("dispatch skipped", extra={"event": "provider.skip", "idempotency_key": key})
+            reason = (
+                "handled"
+                if key in self.handled
+                else "cancelled"
+                if key in self.cancelled
+                else "running"
+            )
+            self.metrics.skipped.labels(reason).inc()
+            log.info(
+                "dispatch skipped",
+                extra={**_ids(dispatch, event="provider.skip"), "reason": reason},
+            )
             self.tracker.done(tp, record.offset)
             return
         await self.slots.acquire()
         task = asyncio.create_task(self.attempt(dispatch))
         self.inflight[key] = task
+        self.metrics.in_flight.inc()
 
         def finished(_: asyncio.Task[None]) -> None:
+            self.metrics.in_flight.dec()
             self.slots.release()
             self.inflight.pop(key, None)
             self.tracker.done(tp, record.offset)
@@ -241,12 +300,31 @@ class ProviderWorker:
 
     async def attempt(self, dispatch: Dispatch) -> None:
         """Run one attempt and report it; never raises for a provider problem."""
+        with span(
+            f"attempt {dispatch.provider}",
+            dispatch.trace,
+            kind=SpanKind.CONSUMER,
+            job_id=dispatch.job_id,
+            attempt_id=dispatch.attempt_id,
+            provider=dispatch.provider,
+        ) as trace:
+            await self._attempt(dispatch.model_copy(update={"trace": trace}))
+
+    async def _attempt(self, dispatch: Dispatch) -> None:
         key = dispatch.idempotency_key
         adapter = self.adapters.get(dispatch.provider)
         sent = [await self.send_result(dispatch, "started", f"{key}:started", adapter)]
         started = time.monotonic()
         try:
-            outcome = await self.call(adapter, dispatch)
+            with span(
+                f"llm.call {dispatch.provider}",
+                dispatch.trace,
+                kind=SpanKind.CLIENT,
+                provider=dispatch.provider,
+                model=dispatch.model,
+                attempt_id=dispatch.attempt_id,
+            ):
+                outcome = await self.call(adapter, dispatch)
         except asyncio.CancelledError:
             self.handled.add(key)
             log.info("attempt cancelled", extra=_ids(dispatch, event="provider.cancelled"))
@@ -264,6 +342,9 @@ class ProviderWorker:
         for future in sent:
             await future
         self.handled.add(key)
+        outcome_name = {Completed: "completed", Failed: "failed"}.get(type(outcome), "no_answer")
+        self.metrics.calls.labels(dispatch.provider, outcome_name).inc()
+        self.metrics.latency.labels(dispatch.provider).observe(time.monotonic() - started)
         log.info(
             "attempt finished",
             extra=_ids(
@@ -350,6 +431,7 @@ class ProviderWorker:
             payload=record.value,
         )
         log.warning("dead letter", extra={"event": "dead_letter", "reason": reason})
+        self.metrics.dead_letters.labels(reason).inc()
         await self.producer.send_and_wait(
             self.dlq_topic, value=encode(letter), key=f"{record.topic}:{record.partition}".encode()
         )
@@ -400,6 +482,11 @@ def status_app(worker: ProviderWorker) -> web.Application:
         body = {"ready": ready, "partitions": assigned, "in_flight": len(worker.inflight)}
         return web.json_response(body, status=200 if ready else 503)
 
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(request.app[WORKER].metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
@@ -410,6 +497,7 @@ def main() -> None:
 
     settings = get_settings()
     configure_logging(settings)
+    setup_tracing("provider-worker")
     asyncio.run(serve(settings))
 
 

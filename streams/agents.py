@@ -16,17 +16,18 @@ from typing import Any
 
 import faust
 from faust.types import EventT
+from opentelemetry.trace import SpanKind
 
 from domain.codec import DecodeError, decode_command, decode_intake, decode_result, encode
-from domain.commands import CancelJob, CreateJob, MarkPublished, RecordResult, Tick
+from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
 from domain.decide import decide
 from domain.ids import job_id_for
 from domain.job import Job, OutboxEntry
-from domain.messages import CancelRequest
+from domain.messages import CancelRequest, Dispatch, JobRequest, TraceContext
 from domain.outbox import render
-from streams.app import app, rocksdb_options, runtime, settings, topics
+from streams.app import app, metrics, rocksdb_options, runtime, settings, topics
 from streams.deadletter import dead_letter_record, send_dead_letter
-from streams.tracing import from_headers, to_headers
+from streams.tracing import from_headers, span, to_headers, trace_id
 from tables.exceptions import StateCorrupted
 from tables.jobs import TABLE_NAME, decode_job, encode_job
 
@@ -67,6 +68,7 @@ def _headers(event: EventT) -> list[tuple[str, bytes | None]]:
 
 async def _dead_letter(event: EventT, reason: str, detail: str) -> None:
     message = event.message
+    metrics.dead_letters.labels(reason, message.topic).inc()
     await send_dead_letter(
         topics.dlq,
         dead_letter_record(
@@ -134,7 +136,20 @@ async def _accept(event: EventT) -> None:
         await send_command(job_id, encode(cancel))
         return
     job_id = job_id_for(request.tenant_id, request.request_id)
-    trace = from_headers(_headers(event))
+    with span(
+        "intake",
+        from_headers(_headers(event)),
+        kind=SpanKind.CONSUMER,
+        job_id=job_id,
+        tenant_id=request.tenant_id,
+    ) as trace:
+        await _create(job_id, request, trace, command_id, now)
+
+
+async def _create(
+    job_id: str, request: JobRequest, trace: TraceContext, command_id: str, now: datetime
+) -> None:
+    assert request.tenant_id is not None
     create = CreateJob(
         command_id=command_id,
         job_id=job_id,
@@ -161,13 +176,22 @@ async def results(stream: Any) -> AsyncIterator[None]:
             except DecodeError as exc:
                 await _dead_letter(event, exc.reason, exc.detail)
             else:
-                command = RecordResult(
-                    command_id=f"result:{result.event_id}",
+                with span(
+                    "result.ingest",
+                    result.trace,
+                    kind=SpanKind.CONSUMER,
                     job_id=result.job_id,
-                    at=datetime.now(UTC),
-                    result=result,
-                )
-                await send_command(result.job_id, encode(command), to_headers(result.trace))
+                    attempt_id=result.attempt_id,
+                    provider=result.provider,
+                    result=result.type,
+                ) as trace:
+                    command = RecordResult(
+                        command_id=f"result:{result.event_id}",
+                        job_id=result.job_id,
+                        at=datetime.now(UTC),
+                        result=result.model_copy(update={"trace": trace}),
+                    )
+                    await send_command(result.job_id, encode(command), to_headers(trace))
         except Exception as exc:
             log.exception("results failed")
             await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
@@ -200,6 +224,20 @@ async def _apply(event: EventT) -> None:
     except StateCorrupted as exc:
         await _dead_letter(event, "state_corrupted", str(exc))
         return
+    parent = _parent_trace(command, job)
+    with span(f"job.{command.kind}", parent, job_id=command.job_id):
+        await _step(event, command, job)
+
+
+def _parent_trace(command: Command, job: Job | None) -> TraceContext | None:
+    if isinstance(command, CreateJob):
+        return command.trace
+    if isinstance(command, RecordResult):
+        return command.result.trace
+    return job.trace if job is not None else None
+
+
+async def _step(event: EventT, command: Command, job: Job | None) -> None:
     context = runtime.context()
     delivered = runtime.delivered.pop(command.job_id, None)
     if job is not None and delivered:
@@ -217,6 +255,8 @@ async def _apply(event: EventT) -> None:
         jobs[command.job_id] = encode_job(new)
     for observation in decision.observations:
         runtime.health.observe(observation)
+    if new is not None and decision.outcome != "duplicate_command":
+        metrics.observe_step(job, new)
     if decision.dead_letter is not None:
         await _dead_letter(event, *decision.dead_letter)
     if new is None:
@@ -241,6 +281,7 @@ async def _apply(event: EventT) -> None:
                 "state": new.status.value,
                 "attempt_id": new.current.attempt_id if new.current else None,
                 "provider": new.current.provider if new.current else None,
+                "trace_id": trace_id(new.trace),
             },
         )
 
@@ -264,8 +305,21 @@ async def publish_outbox(job: Job, entries: Iterable[OutboxEntry]) -> None:
                 "no topic for outbox entry", extra={"entry": entry.entry_id, "job_id": job.job_id}
             )
             continue
-        value = encode(render(job, entry))
-        pending.append((entry.entry_id, await _send(topic, key, value, headers)))
+        message = render(job, entry)
+        if isinstance(message, Dispatch):
+            with span(
+                f"dispatch {message.provider}",
+                job.trace,
+                kind=SpanKind.PRODUCER,
+                job_id=job.job_id,
+                attempt_id=message.attempt_id,
+                provider=message.provider,
+            ) as trace:
+                message = message.model_copy(update={"trace": trace})
+                future = await _send(topic, key, encode(message), to_headers(trace))
+        else:
+            future = await _send(topic, key, encode(message), headers)
+        pending.append((entry.entry_id, future))
     if pending:
         task = asyncio.ensure_future(_note_delivery(job.job_id, pending))
         _background.add(task)
@@ -331,6 +385,7 @@ def rebuild_wake_index() -> None:
     """After a rebalance, find every job of our partitions that needs a timer or a republish."""
     runtime.wake.clear()
     count = 0
+    live: list[str] = []
     for key, raw in jobs.items():
         job_id = key.decode() if isinstance(key, bytes) else str(key)
         try:
@@ -345,4 +400,7 @@ def rebuild_wake_index() -> None:
             when = min(when or job.updated_at, datetime.now(UTC))
         runtime.wake.set(job_id, when)
         count += 1
+        if not job.terminal:
+            live.append(job_id)
+    metrics.reset_in_flight(live)
     log.info("timer index rebuilt", extra={"event": "timers.rebuilt", "jobs": count})

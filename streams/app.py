@@ -5,11 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import faust
+from faust.sensors.prometheus import setup_prometheus_sensors
+from prometheus_client import CollectorRegistry
 
+from streams.logs import logging_config
+from streams.metrics import Metrics
 from streams.runtime import Runtime
 from streams.settings import Settings, get_settings
 from streams.topics import Topics
 from streams.topology import Topology, load_topology
+from streams.tracing import setup_tracing
 
 
 def rocksdb_options(settings: Settings) -> dict[str, Any]:
@@ -54,14 +59,19 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
         producer_max_request_size=2 * 1024 * 1024,
         producer_linger=settings.producer_linger_ms / 1000,
         consumer_auto_offset_reset="earliest",
+        logging_config=logging_config(settings),
     )
 
 
 settings = get_settings()
+setup_tracing("control-plane")
 topology = load_topology(settings.topics_file)
 app = create_app(settings, topology)
 runtime = Runtime.load(settings)
 topics = Topics.declare(app, settings, topology)
+registry = CollectorRegistry()
+metrics = Metrics(registry, circuits=runtime.circuits)
+setup_prometheus_sensors(app, pattern="/metrics", registry=registry, name_prefix="faust")
 
 # Register agents, timers and web views on the app (autodiscovery is off: explicit is faster).
 from api import views  # noqa: E402, F401

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from streams.settings import Settings
+from streams.tracing import log_ids
 
 #: Fields copied from a record's `extra` into the JSON line.
 CONTEXT_FIELDS = (
@@ -37,9 +39,34 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 line[key] = value
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+        for key, value in log_ids().items():
+            line.setdefault(key, value)
+        if record.exc_info and record.exc_info[0] is not None:
+            line["exc_type"] = record.exc_info[0].__name__
+            line["exc_frames"] = [
+                f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+                for frame in traceback.extract_tb(record.exc_info[2])
+            ][-8:]
         return orjson.dumps(line, default=str).decode()
+
+
+def logging_config(settings: Settings) -> dict[str, Any] | None:
+    """A dictConfig for faust workers: JSON lines on stderr, or None for faust's own console."""
+    if settings.log_format != "json":
+        return None
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "streams.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": settings.log_level.upper(), "handlers": ["stderr"]},
+    }
 
 
 def configure_logging(settings: Settings) -> None:

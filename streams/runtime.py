@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from domain.catalogue import Catalogue, load_catalogue
 from domain.decide import Context, Observation
-from domain.health import ProviderHealth, initial_health, observe
+from domain.health import ProviderHealth, effective_circuit, initial_health, observe
 from domain.policy import RoutingPolicy, load_policy
 from streams.settings import Settings
 
@@ -85,6 +85,14 @@ class Runtime:
             policy=policy,
             health=HealthBook(policy),
         )
+
+    def circuits(self) -> dict[str, str]:
+        """Each observed provider's circuit state now."""
+        now = datetime.now(UTC)
+        return {
+            name: effective_circuit(health, now, self.policy.circuit)
+            for name, health in self.health.providers.items()
+        }
 
     def context(self) -> Context:
         return Context(catalogue=self.catalogue, policy=self.policy, health=self.health.snapshot())

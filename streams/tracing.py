@@ -1,10 +1,24 @@
-"""W3C trace context on Kafka headers: continue a `traceparent`, or start a trace at intake."""
+"""W3C trace context on Kafka headers and OpenTelemetry spans for each stage of a job."""
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+)
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from domain.messages import TraceContext
 
@@ -48,3 +62,89 @@ def trace_id(trace: TraceContext | None) -> str | None:
         return None
     parts = trace.traceparent.split("-")
     return parts[1] if len(parts) == 4 else None
+
+
+# -- spans ----------------------------------------------------------------------------------------
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_configured = False
+
+
+def setup_tracing(service_name: str) -> None:
+    """Install a tracer provider; exporters come from the standard OTEL_* variables.
+
+    OTEL_TRACES_EXPORTER=otlp (or OTEL_EXPORTER_OTLP_ENDPOINT set) sends spans over OTLP/HTTP,
+    `console` prints them as JSON lines on stdout, anything else (the default) records nothing.
+    """
+    global _configured  # noqa: PLW0603 (once per process)
+    if _configured:
+        return
+    _configured = True
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not exporter_name and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        exporter_name = "otlp"
+    if exporter_name in ("", "none"):
+        return
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    if exporter_name == "console":
+        provider.add_span_processor(
+            SimpleSpanProcessor(
+                ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
+            )
+        )
+    elif exporter_name == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def context_of(parent: TraceContext | None) -> Context:
+    carrier = {}
+    if parent is not None and parent.traceparent:
+        carrier["traceparent"] = parent.traceparent
+        if parent.tracestate:
+            carrier["tracestate"] = parent.tracestate
+    return _PROPAGATOR.extract(carrier)
+
+
+def current_trace() -> TraceContext:
+    """The W3C context of the current span, to put on the records a stage sends."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return TraceContext(
+        traceparent=carrier.get("traceparent"), tracestate=carrier.get("tracestate")
+    )
+
+
+@contextmanager
+def span(
+    name: str,
+    parent: TraceContext | None,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    **attributes: str | int | None,
+) -> Iterator[TraceContext]:
+    """Run a stage in a span under `parent`; yields the context to propagate onwards.
+
+    When no exporter is configured the span is not recorded, and the parent context itself is
+    propagated so that the trace id still travels with the job.
+    """
+    tracer = trace.get_tracer("prompt-gateway")
+    attrs = {f"cp.{k}": v for k, v in attributes.items() if v is not None}
+    with tracer.start_as_current_span(
+        name, context=context_of(parent), kind=kind, attributes=attrs
+    ) as current:
+        if current.get_span_context().is_valid and current.is_recording():
+            yield current_trace()
+        else:
+            yield parent or TraceContext()
+
+
+def log_ids() -> dict[str, str]:
+    """trace_id and span_id of the current span, for log lines."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
