@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install run demo test test-fast lint format kafka-up kafka-down kafka-reset kafka-status topics bench clean
+.PHONY: help install run demo test test-fast lint format kafka-up kafka-down kafka-reset kafka-status topics bench system-deps clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,8 +52,14 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint kafka-up ## Lint, then every test tier against the real broker
+test: lint system-deps kafka-up ## Lint, then every test tier against the real broker
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+system-deps: ## Install kcat, prometheus and chromium for the tests that drive them (Debian, root)
+	@scripts/system-deps.sh
+
+bench: $(STAMP) kafka-up ## Measure throughput, latency and memory; append to bench/results.md
+	$(PY) -m bench.throughput
 
 test-fast: $(STAMP) ## Unit and agent tests only (no broker)
 	$(PY) -m pytest tests/unit tests/agents $(PYTEST_ARGS)

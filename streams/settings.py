@@ -30,7 +30,6 @@ class Settings(BaseSettings):
     web_port: int = 6066
     broker_session_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 3.0
-    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     rocksdb_block_cache_mb: int = 16
     rocksdb_write_buffer_mb: int = 4
     timer_interval_s: float = 0.25
