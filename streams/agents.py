@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,6 +58,38 @@ jobs = app.Table(
 # faust derives table serializers from the value type ("json" for bytes); the codec is ours.
 jobs.key_serializer = "raw"
 jobs.value_serializer = "raw"
+
+
+class JobCache:
+    """Jobs this worker last wrote, so a step skips decoding its own write back.
+
+    Only the job agent writes the table, so the cache is exact while the partitions stay here;
+    it is dropped whenever partitions are revoked.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def get(self, job_id: str) -> Job | None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self.jobs.move_to_end(job_id)
+        return job
+
+    def put(self, job_id: str, job: Job) -> None:
+        self.jobs[job_id] = job
+        self.jobs.move_to_end(job_id)
+        while len(self.jobs) > self.size:
+            self.jobs.popitem(last=False)
+
+
+_job_cache = JobCache(size=settings.job_cache_size)
+
+
+@app.on_partitions_revoked.connect
+async def _forget_cached_jobs(sender: Any, revoked: Any, **_: Any) -> None:
+    _job_cache.jobs.clear()
 
 
 def _headers(event: EventT) -> list[tuple[str, bytes | None]]:
@@ -220,7 +253,7 @@ async def _apply(event: EventT) -> None:
         await _dead_letter(event, exc.reason, exc.detail)
         return
     try:
-        job = decode_job(jobs.get(command.job_id))
+        job = _job_cache.get(command.job_id) or decode_job(jobs.get(command.job_id))
     except StateCorrupted as exc:
         await _dead_letter(event, "state_corrupted", str(exc))
         return
@@ -253,6 +286,7 @@ async def _step(event: EventT, command: Command, job: Job | None) -> None:
     new = decision.job
     if new is not None and (new is not job or delivered):
         jobs[command.job_id] = encode_job(new)
+        _job_cache.put(command.job_id, new)
     for observation in decision.observations:
         runtime.health.observe(observation)
     if new is not None and decision.outcome != "duplicate_command":

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     timer_interval_s: float = 0.25
     producer_linger_ms: int = 3
     outbox_retry_s: float = 5.0
+    job_cache_size: int = 2000
     provider_concurrency: int = 64
     provider_group_id: str = "prompt-gateway-providers"
     provider_timeout_s: float = 60.0
