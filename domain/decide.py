@@ -200,6 +200,8 @@ class _Step:
         }[status]
         current = self.job.current
         data: dict[str, Any] = {"attempts": len(self.job.attempts)}
+        if final.provider is not None:
+            data.update(provider=final.provider, model=final.model)
         if error is not None:
             data["error"] = error.model_dump(mode="json")
         if final.cost.total is not None:

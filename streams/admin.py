@@ -47,7 +47,7 @@ async def ensure_topics(settings: Settings, *, names: Sequence[str] | None = Non
     """Create what is missing from topics.yaml and report what differs from it."""
     topology = load_topology(settings.topics_file)
     wanted: dict[str, TopicSpec] = {
-        settings.topic(spec.name): spec
+        settings.topic(spec.name, prefixed=spec.prefixed): spec
         for spec in topology.topics.values()
         if names is None or spec.name in names
     }

@@ -54,6 +54,7 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,
+        canonical_url=settings.canonical_url,
         web_router_enabled=False,
         web_tables_enabled=False,
         web_stats_enabled=False,

@@ -27,6 +27,13 @@ CONTEXT_FIELDS = (
 )
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
+#: Libraries that log whole record values (prompts, outputs) at DEBUG: never below INFO.
+QUIET_LIBRARIES = ("aiokafka", "faust", "mode", "kafka", "openai", "anthropic", "httpx", "httpcore")
+
+
+def _floor(level: str) -> str:
+    return "INFO" if logging.getLevelName(level.upper()) == logging.DEBUG else level.upper()
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -66,6 +73,7 @@ def logging_config(settings: Settings) -> dict[str, Any] | None:
             }
         },
         "root": {"level": settings.log_level.upper(), "handlers": ["stderr"]},
+        "loggers": {name: {"level": _floor(settings.log_level)} for name in QUIET_LIBRARIES},
     }
 
 
@@ -79,3 +87,5 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(_floor(settings.log_level))

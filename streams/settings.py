@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var/workers/cp-1")
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    web_advertised_url: str | None = None
     broker_session_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 3.0
     rocksdb_block_cache_mb: int = 16
@@ -47,9 +48,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
-    def topic(self, name: str) -> str:
+    def topic(self, name: str, *, prefixed: bool = True) -> str:
         """Return the real topic name of a logical name from topics.yaml."""
-        return self.topic_prefix + name.replace("{app_id}", self.app_id)
+        real = name.replace("{app_id}", self.app_id)
+        return self.topic_prefix + real if prefixed else real
+
+    @property
+    def canonical_url(self) -> str:
+        """The URL other workers use to reach this one's web views."""
+        return self.web_advertised_url or f"http://{self.web_host}:{self.web_port}"
 
 
 @lru_cache(maxsize=1)

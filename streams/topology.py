@@ -22,6 +22,7 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
     provider: str | None = None
     internal: bool = False
+    prefixed: bool = True
     description: str = ""
 
     @property
@@ -73,6 +74,7 @@ def load_topology(path: Path) -> Topology:
             "config",
             "provider",
             "internal",
+            "prefixed",
             "description",
         }
         if unknown:
@@ -92,6 +94,7 @@ def load_topology(path: Path) -> Topology:
             config=config,
             provider=spec.get("provider"),
             internal=bool(spec.get("internal", False)),
+            prefixed=bool(spec.get("prefixed", True)),
             description=str(spec.get("description", "")),
         )
     topology = Topology(topics)

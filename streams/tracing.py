@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from domain.messages import TraceContext
@@ -133,13 +133,24 @@ def span(
     """
     tracer = trace.get_tracer("prompt-gateway")
     attrs = {f"cp.{k}": v for k, v in attributes.items() if v is not None}
+    # Exceptions are recorded by type only: their messages may quote input (prompt) values.
     with tracer.start_as_current_span(
-        name, context=context_of(parent), kind=kind, attributes=attrs
+        name,
+        context=context_of(parent),
+        kind=kind,
+        attributes=attrs,
+        record_exception=False,
+        set_status_on_exception=False,
     ) as current:
-        if current.get_span_context().is_valid and current.is_recording():
-            yield current_trace()
-        else:
-            yield parent or TraceContext()
+        try:
+            if current.get_span_context().is_valid and current.is_recording():
+                yield current_trace()
+            else:
+                yield parent or TraceContext()
+        except BaseException as exc:
+            current.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            current.set_attribute("exception.type", type(exc).__name__)
+            raise
 
 
 def log_ids() -> dict[str, str]:

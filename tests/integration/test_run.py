@@ -1,0 +1,165 @@
+"""`python -m streams.run` (make run / make demo) as a real process against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.admin import ensure_topics
+from streams.run import DEMO_JOBS
+from streams.settings import Settings
+from tests.support.workers import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+PIDS = re.compile(r"control-plane pid (\d+), providers pid (\d+)")
+
+
+@pytest.fixture
+def run_env(
+    kafka_bootstrap: str, run_id: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> dict[str, str]:
+    """An environment of its own: app id, topic prefix (topics created), data dirs and ports."""
+    name = request.node.name.replace("_", "-")[:30]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CP_")},
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "CP_APP_ID": f"{run_id}-{name}",
+        "CP_TOPIC_PREFIX": f"{run_id}.{name}.",
+        "CP_DATA_DIR": str(tmp_path / "data" / "cp"),
+        "CP_PROVIDER_DATA_DIR": str(tmp_path / "data" / "providers"),
+        "CP_WEB_PORT": str(free_port()),
+        "CP_PROVIDER_WEB_PORT": str(free_port()),
+        "CP_LOG_FORMAT": "console",
+    }
+    settings = Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        app_id=env["CP_APP_ID"],
+        topic_prefix=env["CP_TOPIC_PREFIX"],
+    )
+    report = asyncio.run(ensure_topics(settings))
+    assert not report.errors, report.errors
+    return env
+
+
+class Run:
+    """`python -m streams.run` with its stdout read line by line in the background."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, *args: str) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.run", "--log-dir", str(log_dir), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        with self.process.stdout as stdout:
+            for line in stdout:
+                self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if match := pattern.search(line):
+                return match
+        raise AssertionError(f"no line matching {pattern.pattern!r}; output:\n{self.text()}")
+
+    def finish(self, timeout: float) -> int:
+        code = self.process.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=5)) is not None:
+            self.output.append(line)
+        return code
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.reader.join(timeout=10)  # it closes stdout at EOF
+
+
+@pytest.fixture
+def runs() -> Iterator[list[tuple[Run, list[int]]]]:
+    """Runs a test starts, with the worker pids they printed; none outlives the test."""
+    started: list[tuple[Run, list[int]]] = []
+    yield started
+    for run, pids in started:
+        run.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_demo_runs_end_to_end_twice(
+    run_env: dict[str, str], tmp_path: Path, runs: list[tuple[Run, list[int]]]
+) -> None:
+    for attempt in (1, 2):  # the second run reuses the app id, state dirs and consumer groups
+        run = Run(run_env, tmp_path / "logs", "--demo")
+        pids: list[int] = []
+        runs.append((run, pids))
+        pids.extend(int(p) for p in run.wait_for_line(PIDS, timeout=150).groups())
+        code = run.finish(timeout=150)
+        out = run.text()
+        assert code == 0, f"run {attempt} exited {code}:\n{out}"
+        assert "demo: every job ended as expected" in out, out
+        for job in DEMO_JOBS:
+            block = out.split(f"[{job.name}] ", 1)[1].split("\n[", 1)[0]
+            assert re.search(rf"result\s+{job.expect}\s", block), (job.name, block)
+        fallback = out.split("[fallback] ", 1)[1].split("\n[", 1)[0]
+        assert re.search(r"result\s+COMPLETED\s+provider sim-fast\s.*attempts 3", fallback)
+        assert "fallback" in fallback and "sim-cheap -> sim-fast" in fallback, fallback
+        assert all(gone(pid) for pid in pids), out
+
+
+def test_sigint_stops_both_workers_and_exits_zero(
+    run_env: dict[str, str], tmp_path: Path, runs: list[tuple[Run, list[int]]]
+) -> None:
+    run = Run(run_env, tmp_path / "logs")
+    pids: list[int] = []
+    runs.append((run, pids))
+    pids.extend(int(p) for p in run.wait_for_line(PIDS, timeout=150).groups())
+    run.wait_for_line(re.compile(r"Ctrl-C stops both workers"), timeout=10)
+    assert not any(gone(pid) for pid in pids)
+    run.process.send_signal(signal.SIGINT)
+    code = run.finish(timeout=60)
+    assert code == 0, run.text()
+    assert "both workers stopped" in run.text()
+    assert all(gone(pid) for pid in pids), run.text()
