@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: An outbox entry not marked published after this long is published again.
 OUTBOX_RETRY = timedelta(seconds=settings.outbox_retry_s)
+#: After a rebalance, overdue timers wait this long for answers still queued on cp.results.
+REBALANCE_GRACE = timedelta(seconds=5)
 #: A tick not applied within this long (lost with a failed send) is sent again.
 TICK_RESEND = timedelta(seconds=60)
 
@@ -219,7 +221,13 @@ async def results(stream: Any) -> AsyncIterator[None]:
                     result=result.type,
                 ) as trace:
                     command = RecordResult(
-                        command_id=f"result:{result.event_id}",
+                        # The record's position, not the event id: a redelivered record is a
+                        # duplicate command, a provider re-sending an answer is a duplicate
+                        # result the job records in its timeline.
+                        command_id=(
+                            f"result:{event.message.topic}:{event.message.partition}"
+                            f":{event.message.offset}"
+                        ),
                         job_id=result.job_id,
                         at=datetime.now(UTC),
                         result=result.model_copy(update={"trace": trace}),
@@ -403,7 +411,7 @@ async def _tick_due_jobs() -> None:
     assignment = frozenset(app.assignor.assigned_actives())
     if assignment != _assignment_seen:
         _assignment_seen = assignment
-        rebuild_wake_index()
+        await rebuild_wake_index()
     now = datetime.now(UTC)
     for job_id in runtime.wake.pop_due(now):
         tick = Tick(
@@ -415,11 +423,17 @@ async def _tick_due_jobs() -> None:
         runtime.wake.set(job_id, now + TICK_RESEND)
 
 
-def rebuild_wake_index() -> None:
-    """After a rebalance, find every job of our partitions that needs a timer or a republish."""
+async def rebuild_wake_index() -> None:
+    """After a rebalance, find every job of our partitions that needs a timer or a republish.
+
+    Pending outbox entries are published again right away. Timers already overdue get a grace
+    period first: answers that arrived while no worker owned the partition are still queued on
+    cp.results, and a timeout must not beat them.
+    """
     runtime.wake.clear()
     count = 0
     live: list[str] = []
+    grace = datetime.now(UTC) + REBALANCE_GRACE
     for key, raw in jobs.items():
         job_id = key.decode() if isinstance(key, bytes) else str(key)
         try:
@@ -429,10 +443,12 @@ def rebuild_wake_index() -> None:
             continue
         if job is None:
             continue
-        when = _wake_time(job)
         if job.outbox:
-            when = min(when or job.updated_at, datetime.now(UTC))
-        runtime.wake.set(job_id, when)
+            await publish_outbox(job, job.outbox)
+        when = job.next_wake()
+        if job.outbox:
+            when = min(when, grace) if when is not None else grace
+        runtime.wake.set(job_id, max(when, grace) if when is not None else None)
         count += 1
         if not job.terminal:
             live.append(job_id)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # only for annotations: importing conftest again would re-run
 TENANT = "acme"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 COMMANDS = "cp.commands"
+RESULTS = "cp.results"
 EVENTS = "cp.events"
 DLQ = "cp.dlq"
 
@@ -271,7 +272,8 @@ async def test_results_rekeys_a_provider_result_as_a_record_result_command(
     assert (sent.topic, sent.key) == (COMMANDS, job_id.encode())
     command = decode_command(sent.value)
     assert isinstance(command, RecordResult)
-    assert command.command_id == "result:ev-1"
+    # Named by the record's position: a re-sent answer is a new command, deduped by event id.
+    assert command.command_id.startswith(f"result:{RESULTS}:")
     assert command.result.model_dump(exclude={"trace"}) == result.model_dump(exclude={"trace"})
     assert trace_id(command.result.trace) == TRACEPARENT.split("-")[1]
     assert sent.header("traceparent") is not None
