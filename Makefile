@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install run demo test test-fast lint format kafka-up kafka-down kafka-reset kafka-status topics bench system-deps clean
+.PHONY: help install run demo test test-fast lint format kafka-up kafka-down kafka-reset kafka-status topics bench system-deps api-fuzz clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +60,9 @@ system-deps: ## Install kcat, prometheus and chromium for the tests that drive t
 
 bench: $(STAMP) kafka-up ## Measure throughput, latency and memory; append to bench/results.md
 	$(PY) -m bench.throughput
+
+api-fuzz: $(STAMP) kafka-up ## Fuzz the HTTP API of a fresh two-worker stack with schemathesis
+	$(PY) -m tests.api.fuzz $(FUZZ_ARGS)
 
 test-fast: $(STAMP) ## Unit and agent tests only (no broker)
 	$(PY) -m pytest tests/unit tests/agents $(PYTEST_ARGS)

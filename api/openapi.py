@@ -88,6 +88,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         413: "Body too large",
         415: "Not application/json",
         422: "Invalid input",
+        500: "Server error",
         503: "Rebalancing: retry after the Retry-After header",
     }
     return {
@@ -113,12 +114,18 @@ _JOB_ID = {
 def openapi_document() -> dict[str, Any]:
     """Build the document once per process."""
     schemas = _schemas(JobRequest, mode="validation")
+    # Over HTTP the tenant comes from the API key: the body must not name one.
+    request_schema = schemas["JobRequest"]
+    request_schema["properties"].pop("tenant_id", None)
+    request_schema["description"] = (
+        "A canonical job request. Over HTTP the tenant is the API key's: leave tenant_id out."
+    )
     schemas.update(_schemas(FinalResponse, JobEvent, mode="serialization"))
     schemas.update(
         Problem=_PROBLEM, Accepted=_ACCEPTED, JobStatusView=_STATUS, JobEventsView=_EVENTS
     )
     ref = REF.format
-    read = _problems(401, 404, 422, 503)
+    read = _problems(401, 404, 422, 500, 503)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -143,7 +150,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "202": _json({"$ref": ref(model="Accepted")}, "Accepted (or the same job)"),
-                        **_problems(401, 409, 413, 415, 422, 503),
+                        **_problems(401, 409, 413, 415, 422, 500, 503),
                     },
                 }
             },
@@ -194,13 +201,35 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/jobs/{job_id}/timeline": {
+                "get": {
+                    "summary": "The timeline as a self-contained HTML page",
+                    "description": "Browsers may pass the API key as ?key= instead of a header.",
+                    "parameters": [
+                        _JOB_ID,
+                        {
+                            "name": "key",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        },
+                        **read,
+                    },
+                }
+            },
             "/jobs/{job_id}/cancel": {
                 "post": {
                     "summary": "Cancel a job that is not final",
                     "parameters": [_JOB_ID],
                     "responses": {
                         "202": _json({"$ref": ref(model="Accepted")}, "Cancel requested"),
-                        **_problems(401, 404, 409, 503),
+                        **_problems(401, 404, 409, 500, 503),
                     },
                 }
             },

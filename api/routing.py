@@ -39,14 +39,20 @@ def owner(job_id: str) -> URL | None:
     return None
 
 
-async def forward(request: web.Request, dest: URL, timeout_s: float = 65.0) -> web.Response:
-    """Send the request, body included, to the owner and relay its answer."""
+async def forward(
+    request: web.Request, dest: URL, *, body: bytes | None = None, timeout_s: float = 65.0
+) -> web.Response:
+    """Send the request, body included, to the owner and relay its answer.
+
+    Pass `body` when the view already consumed the request stream.
+    """
     if request.headers.get(FORWARDED):
         raise unavailable("ownership changed while the request was forwarded")
     url = request.url.with_host(dest.host or "127.0.0.1").with_port(dest.port)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
     headers[FORWARDED] = "1"
-    body = await request.read()
+    if body is None:
+        body = await request.read()
     try:
         async with app.http_client.request(
             request.method,
@@ -64,6 +70,7 @@ async def forward(request: web.Request, dest: URL, timeout_s: float = 65.0) -> w
                 status=response.status,
                 body=await response.read(),
                 content_type=response.content_type,
+                charset=response.charset,
                 headers=relay,
             )
     except (ClientError, TimeoutError) as exc:

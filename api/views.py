@@ -84,10 +84,37 @@ def load(job_id: str, tenant: str) -> Job:
     return job
 
 
-async def owned(request: web.Request, job_id: str) -> web.Response | None:
+async def owned(
+    request: web.Request, job_id: str, *, body: bytes | None = None
+) -> web.Response | None:
     """Forward to the owner, or return None to serve it here."""
     dest = owner(job_id)
-    return await forward(request, dest) if dest is not None else None
+    return await forward(request, dest, body=body) if dest is not None else None
+
+
+class Accepted:
+    """Jobs this worker accepted over HTTP whose CreateJob the job agent has not applied yet.
+
+    Closes the window between `202` and the table write: a conflicting POST still gets `409`.
+    """
+
+    def __init__(self, ttl_s: float = 120.0) -> None:
+        self.ttl_s = ttl_s
+        self.jobs: dict[str, tuple[str, float]] = {}
+
+    def add(self, job_id: str, fingerprint: str) -> None:
+        now = asyncio.get_running_loop().time()
+        self.jobs = {k: v for k, v in self.jobs.items() if now - v[1] < self.ttl_s}
+        self.jobs[job_id] = (fingerprint, now)
+
+    def fingerprint(self, job_id: str) -> str | None:
+        entry = self.jobs.get(job_id)
+        return entry[0] if entry else None
+
+
+accepted = Accepted()
+#: How long POST /jobs waits for the job agent to apply a new job before answering 202.
+APPLY_WAIT_S = 3.0
 
 
 # -- probes and documents -------------------------------------------------------------------------
@@ -130,12 +157,29 @@ class Jobs(View):
         body = await _read_body(request)
         payload = _parse_request(body, tenant)
         job_id = job_id_for(tenant, payload.request_id)
-        forwarded = await owned(request, job_id)
+        forwarded = await owned(request, job_id, body=body)
         if forwarded is not None:
             return forwarded
         fingerprint = payload.fingerprint()
         existing = decode_job(jobs.get(job_id))
         location = {"Location": f"/jobs/{job_id}"}
+        pending = accepted.fingerprint(job_id) if existing is None else None
+        if pending is not None and pending != fingerprint:
+            raise Problem(
+                409,
+                "request-conflict",
+                "Conflicting request",
+                f"request_id {payload.request_id!r} was already accepted with another payload",
+                job_id=job_id,
+            )
+        if pending is not None:
+            body_ = {
+                "job_id": job_id,
+                "state": "ACCEPTED",
+                "created": False,
+                "links": links(job_id),
+            }
+            return json_response(body_, status=202, headers=location)
         if existing is not None:
             if existing.fingerprint != fingerprint:
                 raise Problem(
@@ -189,8 +233,19 @@ async def _submit(
         source="http",
     )
     await (await send_command(job_id, encode(create), to_headers(trace)))
+    accepted.add(job_id, fingerprint)
+    # Read-your-writes: answer once the job agent has applied it (bounded; it is durable anyway).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + APPLY_WAIT_S
+    state = "ACCEPTED"
+    while loop.time() < deadline:
+        job = decode_job(jobs.get(job_id))
+        if job is not None:
+            state = job.status.value
+            break
+        await asyncio.sleep(0.02)
     return json_response(
-        {"job_id": job_id, "state": "ACCEPTED", "created": True, "links": links(job_id)},
+        {"job_id": job_id, "state": state, "created": True, "links": links(job_id)},
         status=202,
         headers=location,
     )

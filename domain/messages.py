@@ -11,7 +11,15 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from domain.errors import CanonicalError, ErrorCode
 from domain.money import Cost, Money
@@ -56,7 +64,7 @@ class Simulate(Message):
 
     outcomes: dict[ProviderName, list[str]] = Field(default_factory=dict)
     latency_ms: int | None = Field(default=None, ge=0, le=600_000)
-    usage: dict[str, int] | None = None
+    usage: dict[str, StrictInt] | None = None
 
     @field_validator("outcomes")
     @classmethod
