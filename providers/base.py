@@ -8,6 +8,7 @@ programmer errors (a dispatch meant for another provider, a call after `close`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -148,3 +149,26 @@ def describe_with_cause(exc: BaseException) -> str:
 def is_token_count(*values: object) -> bool:
     """Tell whether every value is a non-negative int (and not a bool)."""
     return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
+def parsed_outcome(
+    parsed: object,
+    parse_error: Exception | None,
+    *,
+    status: int,
+    body_text: str | None,
+    latency_ms: int,
+    to_completed: Callable[[object], Completed | str],
+) -> Outcome:
+    """Turn a parsed (or unparseable) 200 answer into Completed, or a malformed Failed."""
+    if parse_error is not None:
+        reason = f"unparseable response body: {parse_error}"
+        return Failed(
+            raw_error("malformed", reason, http_status=status, body=body_text), latency_ms
+        )
+    result = to_completed(parsed)
+    if isinstance(result, str):
+        return Failed(
+            raw_error("malformed", result, http_status=status, body=body_text), latency_ms
+        )
+    return result

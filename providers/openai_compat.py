@@ -23,6 +23,7 @@ from providers.base import (
     describe_with_cause,
     elapsed_ms,
     is_token_count,
+    parsed_outcome,
     raw_error,
     response_text,
 )
@@ -106,24 +107,20 @@ class OpenAICompatibleProvider:
 
         body_text = response_text(raw.http_response)
         status = raw.http_response.status_code
+        parsed: object = None
+        parse_error: Exception | None = None
         try:
-            parsed: object = raw.parse()
+            parsed = raw.parse()
         except (openai.APIError, ValueError) as exc:
-            return Failed(
-                raw_error(
-                    "malformed",
-                    f"unparseable response body: {exc}",
-                    http_status=status,
-                    body=body_text,
-                ),
-                latency_ms,
-            )
-        result = _completed(parsed, latency_ms, fallback_model=dispatch.model)
-        if isinstance(result, str):
-            return Failed(
-                raw_error("malformed", result, http_status=status, body=body_text), latency_ms
-            )
-        return result
+            parse_error = exc
+        return parsed_outcome(
+            parsed,
+            parse_error,
+            status=status,
+            body_text=body_text,
+            latency_ms=latency_ms,
+            to_completed=lambda p: _completed(p, latency_ms, fallback_model=dispatch.model),
+        )
 
     async def close(self) -> None:
         """Close the SDK's HTTP connections; the adapter must not be called afterwards."""

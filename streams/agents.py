@@ -11,7 +11,7 @@ import asyncio
 import logging
 import traceback
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -118,6 +118,15 @@ async def _dead_letter(event: EventT, reason: str, detail: str) -> None:
     )
 
 
+async def _guarded(handler: Callable[[EventT], Awaitable[None]], event: EventT, agent: str) -> None:
+    """Run a handler; a bug must not lose the record: it goes to the DLQ and the stream moves on."""
+    try:
+        await handler(event)
+    except Exception as exc:
+        log.exception("agent failed", extra={"event": "agent.error", "agent": agent})
+        await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
+
+
 async def send_command(
     job_id: str, payload: bytes, headers: list[tuple[str, bytes]] | None = None
 ) -> Any:
@@ -139,11 +148,7 @@ async def _send(
 async def intake(stream: Any) -> AsyncIterator[None]:
     """Validate producer requests and hand them to the job agent keyed by job_id."""
     async for event in stream.events():
-        try:
-            await _accept(event)
-        except Exception as exc:
-            log.exception("intake failed")
-            await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
+        await _guarded(_accept, event, "intake")
         yield None
 
 
@@ -205,38 +210,35 @@ async def _create(
 async def results(stream: Any) -> AsyncIterator[None]:
     """Re-key provider result events by job_id onto the command topic."""
     async for event in stream.events():
-        try:
-            try:
-                result = decode_result(event.value, max_bytes=settings.max_request_bytes)
-            except DecodeError as exc:
-                await _dead_letter(event, exc.reason, exc.detail)
-            else:
-                with span(
-                    "result.ingest",
-                    result.trace,
-                    kind=SpanKind.CONSUMER,
-                    job_id=result.job_id,
-                    attempt_id=result.attempt_id,
-                    provider=result.provider,
-                    result=result.type,
-                ) as trace:
-                    command = RecordResult(
-                        # The record's position, not the event id: a redelivered record is a
-                        # duplicate command, a provider re-sending an answer is a duplicate
-                        # result the job records in its timeline.
-                        command_id=(
-                            f"result:{event.message.topic}:{event.message.partition}"
-                            f":{event.message.offset}"
-                        ),
-                        job_id=result.job_id,
-                        at=datetime.now(UTC),
-                        result=result.model_copy(update={"trace": trace}),
-                    )
-                    await send_command(result.job_id, encode(command), to_headers(trace))
-        except Exception as exc:
-            log.exception("results failed")
-            await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
+        await _guarded(_ingest, event, "results")
         yield None
+
+
+async def _ingest(event: EventT) -> None:
+    try:
+        result = decode_result(event.value, max_bytes=settings.max_request_bytes)
+    except DecodeError as exc:
+        await _dead_letter(event, exc.reason, exc.detail)
+        return
+    with span(
+        "result.ingest",
+        result.trace,
+        kind=SpanKind.CONSUMER,
+        job_id=result.job_id,
+        attempt_id=result.attempt_id,
+        provider=result.provider,
+        result=result.type,
+    ) as trace:
+        command = RecordResult(
+            # The record's position, not the event id: a redelivered record is a duplicate
+            # command, a provider re-sending an answer is a duplicate result the job records.
+            command_id=f"result:{event.message.topic}:{event.message.partition}"
+            f":{event.message.offset}",
+            job_id=result.job_id,
+            at=datetime.now(UTC),
+            result=result.model_copy(update={"trace": trace}),
+        )
+        await send_command(result.job_id, encode(command), to_headers(trace))
 
 
 # -- the job agent --------------------------------------------------------------------------------
@@ -246,11 +248,7 @@ async def results(stream: Any) -> AsyncIterator[None]:
 async def job_agent(stream: Any) -> AsyncIterator[None]:
     """Apply each command to its job: the only writer of the job table."""
     async for event in stream.events():
-        try:
-            await _apply(event)
-        except Exception as exc:
-            log.exception("job agent failed")
-            await _dead_letter(event, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}")
+        await _guarded(_apply, event, "jobs")
         yield None
 
 

@@ -229,7 +229,9 @@ async def test_canary_prompt_never_reaches_a_log_line(obs: Stack) -> None:
 
     def agent_error_logged() -> bool:
         return any(
-            line.get("msg") == "job agent failed" and line.get("exc_type") == "OverflowError"
+            line.get("msg") == "agent failed"
+            and line.get("agent") == "jobs"
+            and line.get("exc_type") == "OverflowError"
             for line in json_lines(files["cp-1"])
         )
 
