@@ -97,6 +97,8 @@ async def ensure_topics(settings: Settings, *, names: Sequence[str] | None = Non
                     report.unchanged.append(name)
                 else:
                     report.errors.append(f"{name}: create failed with error {code}: {message}")
+        if report.created:
+            await _wait_for_leaders(admin, {n: wanted[n] for n in report.created})
         if report.unchanged:
             report.drift.extend(
                 await _config_drift(admin, {n: wanted[n] for n in report.unchanged})
@@ -104,6 +106,27 @@ async def ensure_topics(settings: Settings, *, names: Sequence[str] | None = Non
     finally:
         await admin.close()
     return report
+
+
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, specs: dict[str, TopicSpec], timeout_s: float = 30.0
+) -> None:
+    """Return once every new topic's partitions have a leader: workers may start right after."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        described = await admin.describe_topics(list(specs))
+        ready = {
+            t["topic"]
+            for t in described
+            if t["error_code"] == 0
+            and len(t["partitions"]) == specs[t["topic"]].partitions
+            and all(p["leader"] >= 0 for p in t["partitions"])
+        }
+        if ready == set(specs):
+            return
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"topics: created topics have no leaders after {timeout_s:.0f}s")
 
 
 async def _config_drift(admin: AIOKafkaAdminClient, specs: dict[str, TopicSpec]) -> list[str]:

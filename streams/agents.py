@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 OUTBOX_RETRY = timedelta(seconds=settings.outbox_retry_s)
 #: After a rebalance, overdue timers wait this long for answers still queued on cp.results.
 REBALANCE_GRACE = timedelta(seconds=5)
+#: Delivered-but-unmarked outbox entries of a job with nothing else to do wait this long for a tick.
+MARK_SETTLE = timedelta(seconds=30)
 #: A tick not applied within this long (lost with a failed send) is sent again.
 TICK_RESEND = timedelta(seconds=60)
 
@@ -311,6 +313,13 @@ async def _step(event: EventT, command: Command, job: Job | None) -> None:
     if publish:
         await publish_outbox(new, publish)
     runtime.wake.set(new.job_id, _wake_time(new))
+    runtime.timers[new.job_id] = new.next_wake()
+    runtime.settling.discard(new.job_id)
+    if new.outbox:
+        runtime.outbox_ids[new.job_id] = frozenset(e.entry_id for e in new.outbox)
+    else:
+        runtime.outbox_ids.pop(new.job_id, None)
+        runtime.timers.pop(new.job_id, None)
     if decision.outcome not in ("noop", "duplicate_command"):
         log.info(
             "job step",
@@ -412,6 +421,8 @@ async def _tick_due_jobs() -> None:
         await rebuild_wake_index()
     now = datetime.now(UTC)
     for job_id in runtime.wake.pop_due(now):
+        if _only_marks_pending(job_id, now):
+            continue
         tick = Tick(
             command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
         )
@@ -419,6 +430,27 @@ async def _tick_due_jobs() -> None:
         # No second tick while this one waits in the command topic: under load that would
         # multiply commands. The job agent re-arms the timer when it applies a command.
         runtime.wake.set(job_id, now + TICK_RESEND)
+
+
+def _only_marks_pending(job_id: str, now: datetime) -> bool:
+    """Say whether a due job only owes marks for entries Kafka already has, and defer it.
+
+    Those marks ride along with the job's next command. A job that expects none (it is final,
+    or waits for a provider) gets one tick later, so a backlog does not breed ticks.
+    """
+    pending = runtime.outbox_ids.get(job_id)
+    delivered = runtime.delivered.get(job_id, {})
+    if not pending or not pending <= delivered.keys():
+        return False
+    timer = runtime.timers.get(job_id)
+    if timer is not None and timer <= now:
+        return False
+    if job_id in runtime.settling:
+        runtime.settling.discard(job_id)
+        return False
+    runtime.settling.add(job_id)
+    runtime.wake.set(job_id, min(timer, now + MARK_SETTLE) if timer else now + MARK_SETTLE)
+    return True
 
 
 async def rebuild_wake_index() -> None:
@@ -429,6 +461,9 @@ async def rebuild_wake_index() -> None:
     cp.results, and a timeout must not beat them.
     """
     runtime.wake.clear()
+    runtime.timers.clear()
+    runtime.outbox_ids.clear()
+    runtime.settling.clear()
     count = 0
     live: list[str] = []
     grace = datetime.now(UTC) + REBALANCE_GRACE

@@ -76,6 +76,11 @@ class Runtime:
     wake: WakeIndex = field(default_factory=WakeIndex)
     #: Outbox entries Kafka acknowledged, per job, not yet marked published in the table.
     delivered: dict[str, dict[str, datetime]] = field(default_factory=dict)
+    #: Per job: its pending outbox entry ids, and its own next timer (deadline, backoff, timeout).
+    outbox_ids: dict[str, frozenset[str]] = field(default_factory=dict)
+    timers: dict[str, datetime | None] = field(default_factory=dict)
+    #: Jobs whose tick was deferred once because only delivered marks were pending.
+    settling: set[str] = field(default_factory=set)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
