@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import orjson
 from pydantic import ValidationError
 
 from domain.job import Job
@@ -20,7 +19,6 @@ def decode_job(raw: bytes | None) -> Job | None:
     if raw is None:
         return None
     try:
-        data = orjson.loads(raw)
-        return Job.model_validate(data)
-    except (orjson.JSONDecodeError, ValidationError) as exc:
+        return Job.model_validate_json(raw)
+    except (ValidationError, TypeError, ValueError) as exc:
         raise StateCorrupted(f"stored job ({type(raw).__name__}) cannot be decoded: {exc}") from exc
