@@ -7,16 +7,11 @@ from faust.types import TP
 from yarl import URL
 
 from api.problems import unavailable
+from streams.agents import job_partition
 from streams.app import app, topics
 
 FORWARDED = "X-CP-Forwarded"
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
-
-
-def job_partition(job_id: str) -> int:
-    return int(
-        app.producer.key_partition(topics.commands.get_topic_name(), job_id.encode()).partition
-    )
 
 
 def _ident(url: URL) -> tuple[str, int]:
@@ -25,6 +20,9 @@ def _ident(url: URL) -> tuple[str, int]:
 
 def owner(job_id: str) -> URL | None:
     """Return the owner's URL, or None when this worker owns the job and can answer now."""
+    if app.should_stop:
+        # Stopping closes the tables and the HTTP client before the web server: answer 503.
+        raise unavailable("the worker is shutting down")
     if app.rebalancing or not app.tables.recovery.completed.is_set():
         raise unavailable("the worker is rebalancing or recovering its tables")
     try:
@@ -73,5 +71,5 @@ async def forward(
                 charset=response.charset,
                 headers=relay,
             )
-    except (ClientError, TimeoutError) as exc:
+    except (ClientError, TimeoutError, RuntimeError) as exc:  # RuntimeError: session closed
         raise unavailable(f"the owning worker did not answer: {exc.__class__.__name__}") from None

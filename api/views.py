@@ -64,6 +64,8 @@ def problems(handler: Handler) -> Handler:
 
 def ready() -> tuple[bool, str]:
     """Say whether this worker can answer for its partitions, and if not, why."""
+    if app.should_stop:
+        return False, "shutting down"
     if not app.tables.recovery.completed.is_set():
         return False, "tables recovering"
     if app.rebalancing or app.in_recovery:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
-from faust.types import EventT
+from faust.types import TP, EventT
 from opentelemetry.trace import SpanKind
 
 from domain.codec import DecodeError, decode_command, decode_intake, decode_result, encode
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 OUTBOX_RETRY = timedelta(seconds=settings.outbox_retry_s)
 #: After a rebalance, overdue timers wait this long for answers still queued on cp.results.
 REBALANCE_GRACE = timedelta(seconds=5)
+#: How often a timer held behind unread results looks again.
+RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
 #: Delivered-but-unmarked outbox entries of a job with nothing else to do wait this long for a tick.
 MARK_SETTLE = timedelta(seconds=30)
 #: A tick not applied within this long (lost with a failed send) is sent again.
@@ -213,6 +215,7 @@ async def results(stream: Any) -> AsyncIterator[None]:
     """Re-key provider result events by job_id onto the command topic."""
     async for event in stream.events():
         await _guarded(_ingest, event, "results")
+        runtime.results_read[event.message.partition] = event.message.offset
         yield None
 
 
@@ -421,7 +424,7 @@ async def _tick_due_jobs() -> None:
         await rebuild_wake_index()
     now = datetime.now(UTC)
     for job_id in runtime.wake.pop_due(now):
-        if _only_marks_pending(job_id, now):
+        if _only_marks_pending(job_id, now) or _results_behind(job_id, now):
             continue
         tick = Tick(
             command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
@@ -430,6 +433,38 @@ async def _tick_due_jobs() -> None:
         # No second tick while this one waits in the command topic: under load that would
         # multiply commands. The job agent re-arms the timer when it applies a command.
         runtime.wake.set(job_id, now + TICK_RESEND)
+
+
+def _results_behind(job_id: str, now: datetime) -> bool:
+    """Hold a job's timer until every result that reached cp.results before it fired is re-keyed.
+
+    Under backlog an answer can wait in cp.results while its attempt's timeout comes due; the
+    tick must queue behind it on cp.commands, or the timeout wins a race the provider won.
+    """
+    timer = runtime.timers.get(job_id)
+    if timer is None or timer > now:
+        return False
+    partition = job_partition(job_id)
+    target = runtime.results_gate.get(job_id)
+    if target is None:
+        try:
+            target = app.consumer.highwater(TP(topics.results.get_topic_name(), partition))
+        except Exception:  # noqa: BLE001 (no position known: do not hold the timer)
+            return False
+        if not target:
+            return False
+        runtime.results_gate[job_id] = target
+    if runtime.results_read.get(partition, -1) + 1 >= target:
+        runtime.results_gate.pop(job_id, None)
+        return False
+    runtime.wake.set(job_id, now + RESULTS_GATE_RECHECK)
+    return True
+
+
+def job_partition(job_id: str) -> int:
+    return int(
+        app.producer.key_partition(topics.commands.get_topic_name(), job_id.encode()).partition
+    )
 
 
 def _only_marks_pending(job_id: str, now: datetime) -> bool:
@@ -464,6 +499,7 @@ async def rebuild_wake_index() -> None:
     runtime.timers.clear()
     runtime.outbox_ids.clear()
     runtime.settling.clear()
+    runtime.results_gate.clear()
     count = 0
     live: list[str] = []
     grace = datetime.now(UTC) + REBALANCE_GRACE

@@ -81,6 +81,10 @@ class Runtime:
     timers: dict[str, datetime | None] = field(default_factory=dict)
     #: Jobs whose tick was deferred once because only delivered marks were pending.
     settling: set[str] = field(default_factory=set)
+    #: Last offset of cp.results the results agent handled, per partition; and per job whose
+    #: timer is due, the results end offset that must be read before its tick goes out.
+    results_read: dict[int, int] = field(default_factory=dict)
+    results_gate: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
