@@ -316,13 +316,16 @@ async def _step(event: EventT, command: Command, job: Job | None) -> None:
     if publish:
         await publish_outbox(new, publish)
     runtime.wake.set(new.job_id, _wake_time(new))
-    runtime.timers[new.job_id] = new.next_wake()
+    timer = new.next_wake()
+    if timer is None:
+        runtime.timers.pop(new.job_id, None)
+    else:
+        runtime.timers[new.job_id] = timer
     runtime.settling.discard(new.job_id)
     if new.outbox:
         runtime.outbox_ids[new.job_id] = frozenset(e.entry_id for e in new.outbox)
     else:
         runtime.outbox_ids.pop(new.job_id, None)
-        runtime.timers.pop(new.job_id, None)
     if decision.outcome not in ("noop", "duplicate_command"):
         log.info(
             "job step",
@@ -515,6 +518,10 @@ async def rebuild_wake_index() -> None:
         if job.outbox:
             await publish_outbox(job, job.outbox)
         when = job.next_wake()
+        if when is not None:
+            runtime.timers[job_id] = when
+        if job.outbox:
+            runtime.outbox_ids[job_id] = frozenset(e.entry_id for e in job.outbox)
         if job.outbox:
             when = min(when, grace) if when is not None else grace
         runtime.wake.set(job_id, max(when, grace) if when is not None else None)
