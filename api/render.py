@@ -73,6 +73,11 @@ def links(job_id: str) -> dict[str, str]:
     }
 
 
+def accepted_body(job_id: str, state: str, **flags: bool) -> dict[str, Any]:
+    """The body of a 202: the job, its state now, what happened, where to look next."""
+    return {"job_id": job_id, "state": state, **flags, "links": links(job_id)}
+
+
 def events_body(job: Job, after: int) -> dict[str, Any]:
     events = [e.model_dump(mode="json") for e in job.events if e.seq > after]
     return {

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from api.auth import KeyRing, authenticate
 from api.openapi import openapi_document
 from api.problems import Problem, json_response, not_found
-from api.render import events_body, links, status_body
+from api.render import accepted_body, events_body, status_body
 from api.routing import forward, owner
 from api.timeline import timeline_page
 from domain.codec import encode, field_errors
@@ -175,13 +175,9 @@ class Jobs(View):
                 job_id=job_id,
             )
         if pending is not None:
-            body_ = {
-                "job_id": job_id,
-                "state": "ACCEPTED",
-                "created": False,
-                "links": links(job_id),
-            }
-            return json_response(body_, status=202, headers=location)
+            return json_response(
+                accepted_body(job_id, "ACCEPTED", created=False), status=202, headers=location
+            )
         if existing is not None:
             if existing.fingerprint != fingerprint:
                 raise Problem(
@@ -192,12 +188,7 @@ class Jobs(View):
                     job_id=job_id,
                 )
             return json_response(
-                {
-                    "job_id": job_id,
-                    "state": existing.status.value,
-                    "created": False,
-                    "links": links(job_id),
-                },
+                accepted_body(job_id, existing.status.value, created=False),
                 status=202,
                 headers=location,
             )
@@ -247,7 +238,7 @@ async def _submit(
             break
         await asyncio.sleep(0.02)
     return json_response(
-        {"job_id": job_id, "state": state, "created": True, "links": links(job_id)},
+        accepted_body(job_id, state, created=True),
         status=202,
         headers=location,
     )
@@ -326,12 +317,7 @@ class JobResult(View):
             job = load(job_id, tenant)
         if job.final is None:
             return json_response(
-                {
-                    "job_id": job_id,
-                    "state": job.status.value,
-                    "final": False,
-                    "links": links(job_id),
-                },
+                accepted_body(job_id, job.status.value, final=False),
                 status=202,
                 headers={"Retry-After": "1"},
             )
@@ -410,12 +396,7 @@ class JobCancel(View):
         )
         await (await send_command(job_id, encode(cancel)))
         return json_response(
-            {
-                "job_id": job_id,
-                "state": job.status.value,
-                "cancel_requested": True,
-                "links": links(job_id),
-            },
+            accepted_body(job_id, job.status.value, cancel_requested=True),
             status=202,
         )
 

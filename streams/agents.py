@@ -13,7 +13,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 from faust.types import TP, EventT
@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 OUTBOX_RETRY = timedelta(seconds=settings.outbox_retry_s)
 #: After a rebalance, overdue timers wait this long for answers still queued on cp.results.
 REBALANCE_GRACE = timedelta(seconds=5)
-#: How often a timer held behind unread results looks again.
+#: How often a timer held behind unread results looks again; how long the results agent may
+#: make no progress before the hold ends; the longest a timer is held at all.
 RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
+RESULTS_GATE_IDLE = timedelta(seconds=1)
+RESULTS_GATE_MAX = timedelta(seconds=60)
 #: Delivered-but-unmarked outbox entries of a job with nothing else to do wait this long for a tick.
 MARK_SETTLE = timedelta(seconds=30)
 #: A tick not applied within this long (lost with a failed send) is sent again.
@@ -442,26 +445,43 @@ def _results_behind(job_id: str, now: datetime) -> bool:
     """Hold a job's timer until every result that reached cp.results before it fired is re-keyed.
 
     Under backlog an answer can wait in cp.results while its attempt's timeout comes due; the
-    tick must queue behind it on cp.commands, or the timeout wins a race the provider won.
+    tick must queue behind it on cp.commands, or the timeout wins a race the provider won. The
+    hold ends when the results agent has read up to the end offset seen when the timer came due,
+    or when it makes no progress on that partition for a while (nothing is queued: after a
+    restart our count of what was read starts empty), and never lasts longer than a cap.
     """
     timer = runtime.timers.get(job_id)
     if timer is None or timer > now:
         return False
     partition = job_partition(job_id)
-    target = runtime.results_gate.get(job_id)
-    if target is None:
+    read = runtime.results_read.get(partition, -1)
+    gate = runtime.results_gate.get(job_id)
+    if gate is None:
         try:
             target = app.consumer.highwater(TP(topics.results.get_topic_name(), partition))
         except Exception:  # noqa: BLE001 (no position known: do not hold the timer)
             return False
         if not target:
             return False
-        runtime.results_gate[job_id] = target
-    if runtime.results_read.get(partition, -1) + 1 >= target:
+        gate = ResultsGate(target=target, read=read, progress_at=now, since=now)
+    if read + 1 >= gate.target or now - gate.since > RESULTS_GATE_MAX:
         runtime.results_gate.pop(job_id, None)
         return False
+    if read != gate.read:
+        gate = gate._replace(read=read, progress_at=now)
+    elif now - gate.progress_at > RESULTS_GATE_IDLE:
+        runtime.results_gate.pop(job_id, None)
+        return False
+    runtime.results_gate[job_id] = gate
     runtime.wake.set(job_id, now + RESULTS_GATE_RECHECK)
     return True
+
+
+class ResultsGate(NamedTuple):
+    target: int
+    read: int
+    progress_at: datetime
+    since: datetime
 
 
 def job_partition(job_id: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from domain.catalogue import Catalogue, load_catalogue
 from domain.decide import Context, Observation
@@ -84,7 +85,7 @@ class Runtime:
     #: Last offset of cp.results the results agent handled, per partition; and per job whose
     #: timer is due, the results end offset that must be read before its tick goes out.
     results_read: dict[int, int] = field(default_factory=dict)
-    results_gate: dict[str, int] = field(default_factory=dict)
+    results_gate: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
