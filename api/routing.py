@@ -18,13 +18,23 @@ def _ident(url: URL) -> tuple[str, int]:
     return (url.host or "", int(url.port or 80))
 
 
-def owner(job_id: str) -> URL | None:
-    """Return the owner's URL, or None when this worker owns the job and can answer now."""
+def not_serving() -> str | None:
+    """Say why this worker cannot answer from its tables right now, or None when it can."""
     if app.should_stop:
         # Stopping closes the tables and the HTTP client before the web server: answer 503.
-        raise unavailable("the worker is shutting down")
-    if app.rebalancing or not app.tables.recovery.completed.is_set():
-        raise unavailable("the worker is rebalancing or recovering its tables")
+        return "shutting down"
+    if not app.tables.recovery.completed.is_set():
+        return "tables recovering"
+    if app.rebalancing or app.in_recovery:
+        return "rebalancing"
+    return None
+
+
+def owner(job_id: str) -> URL | None:
+    """Return the owner's URL, or None when this worker owns the job and can answer now."""
+    reason = not_serving()
+    if reason is not None:
+        raise unavailable(f"the worker is {reason}")
     try:
         dest = app.router.key_store("jobs", job_id)
     except KeyError:

@@ -24,7 +24,7 @@ from api.auth import KeyRing, authenticate
 from api.openapi import openapi_document
 from api.problems import Problem, json_response, not_found
 from api.render import accepted_body, events_body, status_body
-from api.routing import forward, owner
+from api.routing import forward, not_serving, owner
 from api.timeline import timeline_page
 from domain.codec import encode, field_errors
 from domain.commands import CancelJob, CreateJob
@@ -64,12 +64,9 @@ def problems(handler: Handler) -> Handler:
 
 def ready() -> tuple[bool, str]:
     """Say whether this worker can answer for its partitions, and if not, why."""
-    if app.should_stop:
-        return False, "shutting down"
-    if not app.tables.recovery.completed.is_set():
-        return False, "tables recovering"
-    if app.rebalancing or app.in_recovery:
-        return False, "rebalancing"
+    reason = not_serving()
+    if reason is not None:
+        return False, reason
     if not app.assignor.assigned_actives():
         return False, "no partitions assigned"
     return True, "ready"

@@ -48,7 +48,7 @@ from providers.base import Completed, Failed, Outcome, ProviderAdapter
 from providers.registry import build_adapters
 from streams.settings import Settings, get_settings
 from streams.topology import load_topology
-from streams.tracing import setup_tracing, span
+from streams.tracing import setup_tracing, span, to_headers
 
 log = logging.getLogger("providers.worker")
 
@@ -410,9 +410,7 @@ class ProviderWorker:
             trace=dispatch.trace,
             **fields,
         )
-        headers = []
-        if dispatch.trace.traceparent:
-            headers.append(("traceparent", dispatch.trace.traceparent.encode()))
+        headers = to_headers(dispatch.trace)
         future: asyncio.Future[Any] = await self.producer.send(
             self.results_topic, value=encode(result), key=dispatch.job_id.encode(), headers=headers
         )
