@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import ClientError, ClientTimeout, web
-from faust.types import TP
 from yarl import URL
 
 from api.problems import unavailable
-from streams.agents import job_partition
-from streams.app import app, topics
+from streams.app import app, core
 
 FORWARDED = "X-CP-Forwarded"
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
@@ -19,32 +17,27 @@ def _ident(url: URL) -> tuple[str, int]:
 
 
 def not_serving() -> str | None:
-    """Say why this worker cannot answer from its tables right now, or None when it can."""
+    """Say why this worker cannot answer for its partitions right now, or None when it can."""
     if app.should_stop:
-        # Stopping closes the tables and the HTTP client before the web server: answer 503.
+        # Stopping closes the job core and the HTTP client before the web server: answer 503.
         return "shutting down"
-    if not app.tables.recovery.completed.is_set():
-        return "tables recovering"
-    if app.rebalancing or app.in_recovery:
-        return "rebalancing"
-    return None
+    ok, reason = core.ready()
+    return None if ok else reason
 
 
 def owner(job_id: str) -> URL | None:
-    """Return the owner's URL, or None when this worker owns the job and can answer now."""
-    reason = not_serving()
-    if reason is not None:
-        raise unavailable(f"the worker is {reason}")
-    try:
-        dest = app.router.key_store("jobs", job_id)
-    except KeyError:
-        raise unavailable("no worker owns this job's partition yet") from None
-    if _ident(dest) != _ident(URL(app.conf.canonical_url)):
-        return dest
-    tp = TP(topics.commands.get_topic_name(), job_partition(job_id))
-    if tp not in app.assignor.assigned_actives():
-        raise unavailable("this job's partition is moving between workers")
-    return None
+    """Return the owner's URL, or None when this worker holds the job and can answer now."""
+    if app.should_stop:
+        raise unavailable("the worker is shutting down")
+    if core.serves(job_id):
+        return None
+    url = core.owner_url(job_id)
+    if not url:
+        raise unavailable("no worker owns this job's partition yet")
+    dest = URL(url)
+    if _ident(dest) == _ident(URL(core.url)):
+        raise unavailable("this job's partition is being restored or moved")
+    return dest
 
 
 async def forward(

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from api.auth import KeyRing, authenticate
 from api.openapi import openapi_document
-from api.problems import Problem, json_response, not_found
+from api.problems import Problem, json_response, not_found, unavailable
 from api.render import accepted_body, events_body, status_body
 from api.routing import forward, not_serving, owner
 from api.timeline import timeline_page
@@ -31,11 +31,12 @@ from domain.commands import CancelJob, CreateJob
 from domain.ids import job_id_for
 from domain.job import Job
 from domain.messages import JobRequest, TraceContext
-from streams.agents import jobs, send_command
-from streams.app import app, runtime, settings
+from streams.app import app, core, runtime, settings
+from streams.commands import send_command
+from streams.core import CoreNotReady
 from streams.tracing import from_headers, span, to_headers
 from tables.exceptions import StateCorrupted
-from tables.jobs import decode_job
+from tables.jobs import RetiredJob
 
 log = logging.getLogger(__name__)
 keyring = KeyRing.from_settings(settings)
@@ -65,22 +66,44 @@ def problems(handler: Handler) -> Handler:
 def ready() -> tuple[bool, str]:
     """Say whether this worker can answer for its partitions, and if not, why."""
     reason = not_serving()
-    if reason is not None:
-        return False, reason
-    if not app.assignor.assigned_actives():
-        return False, "no partitions assigned"
-    return True, "ready"
+    return (False, reason) if reason is not None else (True, "ready")
+
+
+def stored(job_id: str) -> Job | None:
+    """Read a job of a partition held here: 503 while it moves, 500 when unreadable."""
+    try:
+        return core.job(job_id)
+    except CoreNotReady:
+        raise unavailable("this job's partition is being restored or moved") from None
+    except StateCorrupted as exc:
+        raise Problem(500, "state-corrupted", "Stored job unreadable", str(exc)) from None
 
 
 def load(job_id: str, tenant: str) -> Job:
     """Read a job this worker owns; another tenant's job is exactly as absent as a missing one."""
-    try:
-        job = decode_job(jobs.get(job_id))
-    except StateCorrupted as exc:
-        raise Problem(500, "state-corrupted", "Stored job unreadable", str(exc)) from None
+    job = stored(job_id)
     if job is None or job.tenant_id != tenant:
+        retired = core.retired(job_id)
+        if retired is not None and retired.tenant_id == tenant:
+            raise gone(retired)
         raise not_found(job_id)
     return job
+
+
+def gone(retired: RetiredJob) -> Problem:
+    """A finished job past its retention: its outcome stays known, its details do not."""
+    return Problem(
+        410,
+        "job-retired",
+        "Job retired",
+        f"job {retired.job_id} finished {retired.state} at {retired.finished_at.isoformat()} and "
+        f"left the store at {retired.retired_at.isoformat()} (CP_JOB_RETENTION_S); its final "
+        "response stays on cp.responses",
+        job_id=retired.job_id,
+        state=retired.state,
+        finished_at=retired.finished_at.isoformat(),
+        retired_at=retired.retired_at.isoformat(),
+    )
 
 
 async def owned(
@@ -160,8 +183,21 @@ class Jobs(View):
         if forwarded is not None:
             return forwarded
         fingerprint = payload.fingerprint()
-        existing = decode_job(jobs.get(job_id))
+        existing = stored(job_id)
         location = {"Location": f"/jobs/{job_id}"}
+        retired = core.retired(job_id) if existing is None else None
+        if retired is not None:
+            if retired.fingerprint != fingerprint:
+                raise Problem(
+                    409,
+                    "request-conflict",
+                    "Conflicting request",
+                    f"request_id {payload.request_id!r} was already accepted with another payload",
+                    job_id=job_id,
+                )
+            return json_response(
+                accepted_body(job_id, retired.state, created=False), status=202, headers=location
+            )
         pending = accepted.fingerprint(job_id) if existing is None else None
         if pending is not None and pending != fingerprint:
             raise Problem(
@@ -229,7 +265,7 @@ async def _submit(
     deadline = loop.time() + APPLY_WAIT_S
     state = "ACCEPTED"
     while loop.time() < deadline:
-        job = decode_job(jobs.get(job_id))
+        job = stored(job_id)
         if job is not None:
             state = job.status.value
             break
@@ -308,8 +344,9 @@ class JobResult(View):
             return forwarded
         job = load(job_id, tenant)
         deadline = asyncio.get_running_loop().time() + wait
-        while job.final is None and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        while job.final is None and loop.time() < deadline:
+            await core.wait_final(job_id, min(deadline - loop.time(), 1.0))
             owner(job_id)  # still ours? (raises 503 when the partition moved meanwhile)
             job = load(job_id, tenant)
         if job.final is None:

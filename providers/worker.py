@@ -187,6 +187,8 @@ class ProviderWorker:
             group_id=settings.topic_prefix + settings.provider_group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # Dispatches commit in the job core's transactions: a fenced worker's never do.
+            isolation_level="read_committed",
             session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
             heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
             max_poll_records=200,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
+from mode import Service
 from prometheus_client import CollectorRegistry
 
+from streams.core import JobCore
 from streams.logs import logging_config
 from streams.metrics import Metrics
 from streams.runtime import Runtime
@@ -15,6 +19,8 @@ from streams.settings import Settings, get_settings
 from streams.topics import Topics
 from streams.topology import Topology, load_topology
 from streams.tracing import setup_tracing
+
+log = logging.getLogger(__name__)
 
 
 def rocksdb_options(settings: Settings) -> dict[str, Any]:
@@ -41,9 +47,8 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
         store=settings.store,
         datadir=str(settings.data_dir),
         autodiscover=False,
-        # at_least_once with idempotent handlers: faust's exactly_once leaves sends to topics
-        # the app does not consume outside the transaction (faust #177), so it would promise
-        # more than it gives. See design notes in the README.
+        # The job core (streams.core) runs its own transactions, one per partition; faust's
+        # exactly_once would leave sends to topics it does not consume outside them (#177).
         processing_guarantee="at_least_once",
         topic_partitions=topology.job_partitions(),
         topic_replication_factor=1,
@@ -77,6 +82,32 @@ registry = CollectorRegistry()
 metrics = Metrics(registry, circuits=runtime.circuits)
 setup_prometheus_sensors(app, pattern="/metrics", registry=registry, name_prefix="faust")
 
-# Register agents, timers and web views on the app (autodiscovery is off: explicit is faster).
+core = JobCore(settings, runtime, metrics, url=settings.canonical_url)
+
+
+@app.service
+class CoreService(Service):
+    """Start the job core with the worker and stop it (committing what is open) before it."""
+
+    async def on_start(self) -> None:
+        await core.start(
+            {provider: t.get_topic_name() for provider, t in topics.dispatch.items()},
+            topology.job_partitions(),
+        )
+        assert core.task is not None
+        core.task.add_done_callback(self._core_ended)
+
+    async def on_stop(self) -> None:
+        await core.stop()
+
+    def _core_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or core.stopping:
+            return
+        error = task.exception() or RuntimeError("job core ended")
+        core.crashed = error
+        log.critical("job core crashed", extra={"event": "core.crashed", "error": repr(error)})
+        app._crash(error)
+
+
+# Register the web views on the app (autodiscovery is off: explicit is faster).
 from api import views  # noqa: E402, F401
-from streams import agents  # noqa: E402, F401

@@ -112,6 +112,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.retired = Counter(
+            "cp_jobs_retired", "Finished jobs that left the hot store", registry=registry
+        )
+        self.restore_seconds = Histogram(
+            "cp_restore_seconds",
+            "Time to fence and rebuild newly assigned partitions from the changelog",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
         self.overhead = Histogram(
             "cp_job_overhead_seconds",
             "Job time minus provider time: the control plane's share",

@@ -1,11 +1,10 @@
-"""Per-worker runtime state that is not a table: policy, catalogue, provider health, timers."""
+"""Per-worker runtime state that is not job state: policy, catalogue, provider health."""
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from domain.catalogue import Catalogue, load_catalogue
 from domain.decide import Context, Observation
@@ -37,7 +36,7 @@ class HealthBook:
 
 @dataclass
 class WakeIndex:
-    """When each job of this worker's partitions needs a timer tick; rebuilt after a rebalance."""
+    """When each job of a partition needs a timer step; rebuilt by a restore."""
 
     due: dict[str, datetime] = field(default_factory=dict)
     _heap: list[tuple[datetime, str]] = field(default_factory=list)
@@ -74,18 +73,6 @@ class Runtime:
     catalogue: Catalogue
     policy: RoutingPolicy
     health: HealthBook
-    wake: WakeIndex = field(default_factory=WakeIndex)
-    #: Outbox entries Kafka acknowledged, per job, not yet marked published in the table.
-    delivered: dict[str, dict[str, datetime]] = field(default_factory=dict)
-    #: Per job: its pending outbox entry ids, and its own next timer (deadline, backoff, timeout).
-    outbox_ids: dict[str, frozenset[str]] = field(default_factory=dict)
-    timers: dict[str, datetime | None] = field(default_factory=dict)
-    #: Jobs whose tick was deferred once because only delivered marks were pending.
-    settling: set[str] = field(default_factory=set)
-    #: Last offset of cp.results the results agent handled, per partition; and per job whose
-    #: timer is due, the results end offset that must be read before its tick goes out.
-    results_read: dict[int, int] = field(default_factory=dict)
-    results_gate: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:

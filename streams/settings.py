@@ -35,8 +35,10 @@ class Settings(BaseSettings):
     rocksdb_write_buffer_mb: int = 4
     timer_interval_s: float = 0.25
     producer_linger_ms: int = 3
-    outbox_retry_s: float = 5.0
-    job_cache_size: int = 2000
+    commit_interval_ms: int = 100
+    core_max_poll_records: int = 2000
+    job_retention_s: float = 72 * 3600.0
+    idempotency_window_s: float = 7 * 24 * 3600.0
     provider_concurrency: int = 64
     provider_group_id: str = "prompt-gateway-providers"
     provider_timeout_s: float = 60.0

@@ -1,24 +1,109 @@
-"""The job table: job_id -> Job, stored as JSON bytes (faust tables cannot hold pydantic models)."""
+"""The job store's changelog format: three record kinds per job, keyed `<kind>:<job_id>`.
+
+- `j:<job_id>`: the job's row, the `Job` without its request, rewritten when a step changes it;
+  headers `wake` and `retire` (epoch ms) let a restore rebuild timers without decoding it.
+- `r:<job_id>`: the canonical request, written once when the job is created.
+- `i:<job_id>`: what idempotency needs of a retired job (tenant, request id, fingerprint, outcome),
+  kept for the idempotency window after the row and the request are tombstoned.
+
+Every record is written to the changelog partition whose number is the job's partition.
+"""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from domain.job import Job
+from domain.messages import JobRequest
 from tables.exceptions import StateCorrupted
 
 TABLE_NAME = "jobs"
+ROW, REQUEST, RETIRED = "j", "r", "i"
+
+Headers = list[tuple[str, bytes]]
 
 
-def encode_job(job: Job) -> bytes:
-    return job.model_dump_json().encode()
+class RetiredJob(BaseModel):
+    """A finished job that left the hot store: enough to answer re-sent requests and reads."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job_id: str
+    tenant_id: str
+    request_id: str
+    fingerprint: str
+    state: str
+    finished_at: datetime
+    retired_at: datetime
 
 
-def decode_job(raw: bytes | None) -> Job | None:
-    """Read a stored job; None when the table has no value for the key."""
-    if raw is None:
-        return None
+def key(kind: str, job_id: str) -> bytes:
+    return f"{kind}:{job_id}".encode()
+
+
+def split_key(raw: bytes) -> tuple[str, str]:
+    """Return (kind, job_id) of a changelog key."""
+    kind, _, job_id = raw.decode().partition(":")
+    if kind not in (ROW, REQUEST, RETIRED) or not job_id:
+        raise StateCorrupted(f"changelog key {raw[:80]!r} is not <j|r|i>:<job_id>")
+    return kind, job_id
+
+
+def _ms(at: datetime | None) -> bytes | None:
+    return None if at is None else str(int(at.timestamp() * 1000)).encode()
+
+
+def row_headers(wake: datetime | None, retire: datetime | None) -> Headers:
+    headers: Headers = []
+    for name, at in (("wake", wake), ("retire", retire)):
+        value = _ms(at)
+        if value is not None:
+            headers.append((name, value))
+    return headers
+
+
+def header_time(headers: Any, name: str) -> datetime | None:
+    for key_, value in headers or ():
+        if key_ == name and value:
+            return datetime.fromtimestamp(int(value) / 1000, UTC)
+    return None
+
+
+def encode_row(job: Job) -> bytes:
+    return job.model_dump_json(exclude={"request"}).encode()
+
+
+def encode_request(request: JobRequest) -> bytes:
+    return request.model_dump_json().encode()
+
+
+def decode_request(raw: bytes) -> JobRequest:
     try:
-        return Job.model_validate_json(raw)
-    except (ValidationError, TypeError, ValueError) as exc:
-        raise StateCorrupted(f"stored job ({type(raw).__name__}) cannot be decoded: {exc}") from exc
+        return JobRequest.model_validate_json(raw)
+    except (ValidationError, ValueError) as exc:
+        raise StateCorrupted(f"stored request cannot be decoded: {exc}") from exc
+
+
+def decode_row(raw: bytes, request: JobRequest) -> Job:
+    """Rebuild a job from its row and its request."""
+    try:
+        data = orjson.loads(raw)
+        data["request"] = request
+        return Job.model_validate(data)
+    except (ValidationError, ValueError, TypeError) as exc:
+        raise StateCorrupted(f"stored job cannot be decoded: {exc}") from exc
+
+
+def encode_retired(retired: RetiredJob) -> bytes:
+    return retired.model_dump_json().encode()
+
+
+def decode_retired(raw: bytes) -> RetiredJob:
+    try:
+        return RetiredJob.model_validate_json(raw)
+    except (ValidationError, ValueError) as exc:
+        raise StateCorrupted(f"stored retired job cannot be decoded: {exc}") from exc

@@ -56,6 +56,7 @@ def _import_app_with_test_env() -> None:
 _import_app_with_test_env()
 
 import streams.agents as agents  # noqa: E402
+
 import streams.deadletter as deadletter  # noqa: E402
 from streams.app import app, runtime, settings  # noqa: E402
 

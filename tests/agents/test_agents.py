@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
-
 import streams.agents as agents
+
 from domain.codec import decode_command, encode
 from domain.commands import CancelJob, Command, CreateJob, RecordResult
 from domain.decide import decide as real_decide

@@ -1,0 +1,822 @@
+"""The job core: the one fenced writer of every job, running inside each control-plane worker.
+
+It consumes cp.intake, cp.commands and cp.results as one consumer group with a co-partitioning
+assignor, so partition N of all three belongs to one worker, which holds the jobs hashing to N in
+memory (restored from the changelog) and applies `domain.decide.decide` to each input. Each step's
+state, effects and input offset commit in the partition's Kafka transaction (`streams.txn`).
+Intake requests and results that land on another partition than their job's are re-keyed onto
+cp.commands in the same transaction. Timers (deadlines, backoff, attempt timeouts) and retention
+run here too, as steps of the same transaction: nothing goes through Kafka to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.partitioner import murmur2
+from aiokafka.structs import ConsumerRecord
+from opentelemetry.trace import SpanKind
+
+from domain.codec import DecodeError, decode_command, decode_intake, decode_result, encode
+from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
+from domain.decide import decide
+from domain.ids import job_id_for
+from domain.job import Job, OutboxEntry
+from domain.messages import CancelRequest, Dispatch, TraceContext
+from domain.outbox import UnrenderableEntry, render
+from streams.assignor import CopartitionedAssignor
+from streams.deadletter import dead_letter_record
+from streams.metrics import Metrics
+from streams.partition import Partition
+from streams.runtime import Runtime
+from streams.settings import Settings
+from streams.tracing import from_headers, span, to_headers, trace_id
+from streams.txn import Transaction
+from tables.exceptions import StateCorrupted
+from tables.jobs import (
+    REQUEST,
+    RETIRED,
+    ROW,
+    RetiredJob,
+    encode_request,
+    encode_retired,
+    encode_row,
+    key,
+    row_headers,
+)
+
+log = logging.getLogger(__name__)
+
+#: How long an attempt timeout waits for answers already on cp.results but not read yet.
+RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
+RESULTS_GATE_MAX = timedelta(seconds=10)
+#: Timer and retention steps per loop turn, so a mass expiry does not stall the loop.
+TIMERS_PER_TURN = 2000
+
+
+def partition_for(job_id: str, partitions: int) -> int:
+    """The job's partition: murmur2 of its id, as the Java client and aiokafka compute it."""
+    return (murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+class CoreNotReady(Exception):
+    """The job's partition is not served here right now (moving, restoring or elsewhere)."""
+
+
+class JobCore:
+    """Consume, decide, commit; serve reads of the jobs it holds."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics, url: str) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.metrics = metrics
+        self.url = url
+        self.group_id = settings.topic_prefix + settings.app_id + "-core"
+        self.intake_topic = settings.topic("cp.intake")
+        self.commands_topic = settings.topic("cp.commands")
+        self.results_topic = settings.topic("cp.results")
+        self.events_topic = settings.topic("cp.events")
+        self.responses_topic = settings.topic("cp.responses")
+        self.dlq_topic = settings.topic("cp.dlq")
+        self.changelog_topic = settings.topic("{app_id}-jobs-changelog")
+        self.dispatch_topics: dict[str, str] = {}
+        self.partitions = 0
+        self.retention = timedelta(seconds=settings.job_retention_s)
+        self.idempotency = timedelta(seconds=settings.idempotency_window_s)
+        self.commit_interval = settings.commit_interval_ms / 1000
+        self.parts: dict[int, Partition] = {}
+        self.txns: dict[int, Transaction] = {}
+        self.assigned: set[int] = set()
+        self.generation = -1
+        #: Last offset of cp.results applied per partition (the attempt-timeout gate).
+        self.results_read: dict[int, int] = {}
+        self.gated_since: dict[str, datetime] = {}
+        self.waiters: dict[str, asyncio.Event] = {}
+        self.assignor = CopartitionedAssignor(url, lambda: sorted(self.parts))
+        self.lock = asyncio.Lock()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.loading: asyncio.Future[None] | None = None
+        self.stopping = False
+        self.crashed: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, dispatch_topics: dict[str, str], partitions: int) -> None:
+        self.dispatch_topics = dispatch_topics
+        self.partitions = partitions
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            session_timeout_ms=int(self.settings.broker_session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.settings.broker_heartbeat_interval_s * 1000),
+            max_poll_records=self.settings.core_max_poll_records,
+            partition_assignment_strategy=(self.assignor,),
+        )
+        await self.consumer.start()
+        self.consumer.subscribe(
+            [self.intake_topic, self.commands_topic, self.results_topic],
+            listener=_Rebalance(self),
+        )
+        self.task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self._cancel_loading()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        async with self.lock:
+            await self._commit_all()
+            if self.consumer is not None:
+                await self.consumer.stop()
+            for number in list(self.txns):
+                await self._drop(number)
+
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        loop = asyncio.get_running_loop()
+        idle_ms = int(self.settings.timer_interval_s * 1000)
+        while not self.stopping:
+            open_txn = any(t.pending for t in self.txns.values())
+            try:
+                batch = await self.consumer.getmany(timeout_ms=0 if open_txn else idle_ms)
+            except Exception:
+                log.exception("core poll failed", extra={"event": "core.poll_failed"})
+                await asyncio.sleep(0.5)
+                continue
+            async with self.lock:
+                now = datetime.now(UTC)
+                for tp, records in batch.items():
+                    self._consume(tp, records)
+                self._fire_timers(now)
+                await self._flush()
+                oldest = min((t.opened_at for t in self.txns.values() if t.pending), default=None)
+                if oldest is not None and (
+                    not batch or loop.time() - oldest >= self.commit_interval
+                ):
+                    await self._commit_all()
+
+    # -- reads (API) -----------------------------------------------------------------------------
+
+    def partition_of(self, job_id: str) -> int:
+        return partition_for(job_id, self.partitions)
+
+    def owner_url(self, job_id: str) -> str | None:
+        """The URL of the worker that owns the job's partition, as the last assignment said."""
+        return self.assignor.owners.get(self.partition_of(job_id))
+
+    def serves(self, job_id: str) -> bool:
+        return self.partition_of(job_id) in self.parts
+
+    def ready(self) -> tuple[bool, str]:
+        if self.crashed is not None:
+            return False, f"job core stopped: {self.crashed!r}"
+        if not self.assigned:
+            return False, "no partitions assigned"
+        missing = self.assigned - set(self.parts)
+        if missing:
+            return False, f"restoring {len(missing)} partitions"
+        return True, "ready"
+
+    def job(self, job_id: str) -> Job | None:
+        """Read a job of a partition held here (raises CoreNotReady or StateCorrupted)."""
+        part = self.parts.get(self.partition_of(job_id))
+        if part is None:
+            raise CoreNotReady(job_id)
+        return part.job(job_id)
+
+    def retired(self, job_id: str) -> RetiredJob | None:
+        part = self.parts.get(self.partition_of(job_id))
+        return part.retired_job(job_id) if part is not None else None
+
+    async def wait_final(self, job_id: str, seconds: float) -> None:
+        """Return when the job's final step committed here, or after `seconds`."""
+        event = self.waiters.setdefault(job_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            if not event.is_set() and self.waiters.get(job_id) is event:
+                self.waiters.pop(job_id, None)
+
+    def held(self) -> int:
+        return sum(len(p) for p in self.parts.values())
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    def _consume(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
+        part = self.parts.get(tp.partition)
+        if part is None or not records:
+            return  # not ours any more (fenced or failed): whoever owns it reads them again
+        txn = self.txns[tp.partition]
+        txn.touch()
+        for record in records:
+            try:
+                if tp.topic == self.results_topic:
+                    self._result(part, txn, record)
+                elif tp.topic == self.commands_topic:
+                    self._command(part, txn, record)
+                else:
+                    self._intake(txn, record)
+            except Exception as exc:  # a bug must not lose the record: dead-letter it
+                log.exception("step failed", extra={"event": "core.error", "topic": tp.topic})
+                self._dead_letter(
+                    txn, record, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}"
+                )
+        txn.offsets[tp] = records[-1].offset + 1
+        if tp.topic == self.results_topic:
+            self.results_read[tp.partition] = records[-1].offset
+
+    def _intake(self, txn: Transaction, record: ConsumerRecord[Any, Any]) -> None:
+        try:
+            request = decode_intake(record.value, max_bytes=self.settings.max_request_bytes)
+        except DecodeError as exc:
+            self._dead_letter(txn, record, exc.reason, exc.detail)
+            return
+        if request.tenant_id is None:
+            self._dead_letter(txn, record, "schema", "tenant_id: required on Kafka intake")
+            return
+        now = datetime.now(UTC)
+        command_id = f"intake:{record.topic}:{record.partition}:{record.offset}"
+        command: Command
+        if isinstance(request, CancelRequest):
+            job_id = request.job_id or job_id_for(request.tenant_id, request.request_id or "")
+            command = CancelJob(
+                command_id=command_id,
+                job_id=job_id,
+                at=now,
+                tenant_id=request.tenant_id,
+                reason=request.reason or "cancelled by producer",
+            )
+            self._rekey(txn, job_id, encode(command), [])
+            return
+        job_id = job_id_for(request.tenant_id, request.request_id)
+        with span(
+            "intake",
+            from_headers(record.headers),
+            kind=SpanKind.CONSUMER,
+            job_id=job_id,
+            tenant_id=request.tenant_id,
+        ) as trace:
+            command = CreateJob(
+                command_id=command_id,
+                job_id=job_id,
+                at=now,
+                tenant_id=request.tenant_id,
+                fingerprint=request.fingerprint(),
+                request=request,
+                trace=trace,
+                source="kafka",
+            )
+            self._rekey(txn, job_id, encode(command), to_headers(trace))
+
+    def _rekey(self, txn: Transaction, job_id: str, value: bytes, headers: Any) -> None:
+        txn.add(
+            self.commands_topic,
+            job_id.encode(),
+            value,
+            headers,
+            partition=self.partition_of(job_id),
+        )
+
+    def _result(self, part: Partition, txn: Transaction, record: ConsumerRecord[Any, Any]) -> None:
+        try:
+            result = decode_result(record.value, max_bytes=self.settings.max_request_bytes)
+        except DecodeError as exc:
+            self._dead_letter(txn, record, exc.reason, exc.detail)
+            return
+        with span(
+            "result.ingest",
+            result.trace,
+            kind=SpanKind.CONSUMER,
+            job_id=result.job_id,
+            attempt_id=result.attempt_id,
+            provider=result.provider,
+            result=result.type,
+        ) as trace:
+            command = RecordResult(
+                # The record's position, not the event id: a redelivered record is a duplicate
+                # command, a provider re-sending an answer is a duplicate result the job records.
+                command_id=f"result:{record.topic}:{record.partition}:{record.offset}",
+                job_id=result.job_id,
+                at=datetime.now(UTC),
+                result=result.model_copy(update={"trace": trace}),
+            )
+            if self.partition_of(result.job_id) != part.number:
+                self._rekey(txn, result.job_id, encode(command), to_headers(trace))
+                return
+            self._step(part, txn, command, record)
+
+    def _command(self, part: Partition, txn: Transaction, record: ConsumerRecord[Any, Any]) -> None:
+        try:
+            command = decode_command(record.value)
+        except DecodeError as exc:
+            self._dead_letter(txn, record, exc.reason, exc.detail)
+            return
+        if isinstance(command, MarkPublished):
+            return  # marks of the outbox-and-marks design; effects now commit with their step
+        if self.partition_of(command.job_id) != part.number:
+            self._rekey(txn, command.job_id, record.value, list(record.headers or ()))
+            return
+        self._step(part, txn, command, record)
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def _step(
+        self,
+        part: Partition,
+        txn: Transaction,
+        command: Command,
+        record: ConsumerRecord[Any, Any] | None,
+    ) -> None:
+        try:
+            job = part.job(command.job_id)
+        except StateCorrupted as exc:
+            if record is not None:
+                self._dead_letter(txn, record, "state_corrupted", str(exc))
+            else:
+                log.error("unreadable job", extra={"job_id": command.job_id, "detail": str(exc)})
+            return
+        if job is None and isinstance(command, CreateJob):
+            retired = part.retired_job(command.job_id)
+            if retired is not None:
+                self._create_retired(txn, record, command, retired)
+                return
+        with span(f"job.{command.kind}", _parent_trace(command, job), job_id=command.job_id):
+            decision = decide(job, command, self.runtime.context())
+            new = decision.job
+            for observation in decision.observations:
+                self.runtime.health.observe(observation)
+            if decision.dead_letter is not None and record is not None:
+                self._dead_letter(txn, record, *decision.dead_letter)
+            if new is None or new is job:
+                return
+            if new.outbox:
+                self._publish(txn, new, new.outbox)
+                new = decide(
+                    new,
+                    MarkPublished(
+                        command_id=f"published:{command.command_id}",
+                        job_id=new.job_id,
+                        # Effects leave with this step: an attempt's timeout counts from now,
+                        # not from when its command was produced (it may have waited in Kafka).
+                        at=max(command.at, datetime.now(UTC)),
+                        entry_ids=[e.entry_id for e in new.outbox],
+                    ),
+                    self.runtime.context(),
+                ).job
+                assert new is not None
+            if job is None:
+                txn.add(
+                    self.changelog_topic,
+                    key(REQUEST, new.job_id),
+                    encode_request(new.request),
+                    partition=part.number,
+                )
+                part.requests[new.job_id] = new.request
+            txn.rows[new.job_id] = new
+            part.put(new)
+            part.wake.set(new.job_id, new.next_wake())
+            if new.terminal and (job is None or not job.terminal):
+                txn.finished.append(new.job_id)
+                part.retire.set(new.job_id, new.updated_at + self.retention)
+            if decision.outcome != "duplicate_command":
+                self.metrics.observe_step(job, new)
+            if decision.outcome not in ("noop", "duplicate_command"):
+                log.info(
+                    "job step",
+                    extra={
+                        "event": f"job.{decision.outcome}",
+                        "job_id": new.job_id,
+                        "tenant_id": new.tenant_id,
+                        "state": new.status.value,
+                        "attempt_id": new.current.attempt_id if new.current else None,
+                        "provider": new.current.provider if new.current else None,
+                        "trace_id": trace_id(new.trace),
+                    },
+                )
+
+    def _create_retired(
+        self,
+        txn: Transaction,
+        record: ConsumerRecord[Any, Any] | None,
+        command: CreateJob,
+        retired: RetiredJob,
+    ) -> None:
+        """A request re-sent after its job retired: the same job, so nothing new is created."""
+        if retired.fingerprint != command.fingerprint and record is not None:
+            self._dead_letter(
+                txn,
+                record,
+                "conflict",
+                f"request_id {command.request.request_id!r} of tenant {command.tenant_id!r} "
+                f"was accepted as {retired.job_id} with a different payload",
+            )
+            return
+        log.info(
+            "request of a retired job",
+            extra={"event": "job.duplicate_retired", "job_id": retired.job_id},
+        )
+
+    def _publish(self, txn: Transaction, job: Job, entries: Iterable[OutboxEntry]) -> None:
+        """Queue the messages a step owes into its transaction."""
+        key_ = job.job_id.encode()
+        headers = to_headers(job.trace)
+        for entry in entries:
+            try:
+                message = render(job, entry)
+            except UnrenderableEntry:
+                log.exception("unrenderable outbox entry", extra={"job_id": job.job_id})
+                continue
+            if entry.topic == "events":
+                txn.add(self.events_topic, key_, encode(message), headers)
+            elif entry.topic == "responses":
+                txn.add(self.responses_topic, key_, encode(message), headers)
+            else:
+                topic = self.dispatch_topics.get(entry.provider or "")
+                if topic is None:
+                    log.error(
+                        "no dispatch topic for provider",
+                        extra={"job_id": job.job_id, "provider": entry.provider},
+                    )
+                    continue
+                if isinstance(message, Dispatch):
+                    with span(
+                        f"dispatch {message.provider}",
+                        job.trace,
+                        kind=SpanKind.PRODUCER,
+                        job_id=job.job_id,
+                        attempt_id=message.attempt_id,
+                        provider=message.provider,
+                    ) as trace:
+                        message = message.model_copy(update={"trace": trace})
+                        txn.add(topic, key_, encode(message), to_headers(trace))
+                else:
+                    txn.add(topic, key_, encode(message), headers)
+
+    def _dead_letter(
+        self, txn: Transaction, record: ConsumerRecord[Any, Any], reason: str, detail: str
+    ) -> None:
+        self.metrics.dead_letters.labels(reason, record.topic).inc()
+        letter = dead_letter_record(
+            reason=reason,
+            detail=detail,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            payload=record.value,
+        )
+        log.warning(
+            "dead letter",
+            extra={
+                "event": "dead_letter",
+                "reason": reason,
+                "origin_topic": record.topic,
+                "origin_partition": record.partition,
+                "origin_offset": record.offset,
+            },
+        )
+        txn.add(self.dlq_topic, record.key, encode(letter))
+
+    # -- timers and retention --------------------------------------------------------------------
+
+    def _fire_timers(self, now: datetime) -> None:
+        budget = TIMERS_PER_TURN
+        for number, part in self.parts.items():
+            txn = self.txns[number]
+            for job_id in part.wake.pop_due(now, limit=budget):
+                budget -= 1
+                txn.touch()
+                self._timer(part, txn, job_id, now)
+            for job_id in part.retire.pop_due(now, limit=max(budget, 0)):
+                budget -= 1
+                txn.touch()
+                self._retire(part, txn, job_id, now)
+            for job_id in part.purge.pop_due(now, limit=max(budget, 0)):
+                budget -= 1
+                txn.touch()
+                part.retired.pop(job_id, None)
+                txn.add(self.changelog_topic, key(RETIRED, job_id), None, partition=number)
+            if budget <= 0:
+                return
+
+    def _timer(self, part: Partition, txn: Transaction, job_id: str, now: datetime) -> None:
+        try:
+            job = part.job(job_id)
+        except StateCorrupted:
+            log.exception("unreadable job on its timer", extra={"job_id": job_id})
+            return
+        if job is None or job.terminal:
+            return
+        if self._hold_timeout(part.number, job, now):
+            part.wake.set(job_id, now + RESULTS_GATE_RECHECK)
+            return
+        self.gated_since.pop(job_id, None)
+        tick = Tick(
+            command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
+        )
+        self._step(part, txn, tick, None)
+
+    def _hold_timeout(self, number: int, job: Job, now: datetime) -> bool:
+        """Hold an attempt timeout while answers already on cp.results wait to be read.
+
+        Under backlog an answer can sit in cp.results while its attempt's timeout comes due; the
+        timeout must not win a race the provider won. Deadlines and backoffs are never held.
+        """
+        current = job.current
+        if current is None or not current.status.live or current.timeout_at > now:
+            return False
+        if job.deadline_at is not None and job.deadline_at <= now:
+            return False
+        since = self.gated_since.setdefault(job.job_id, now)
+        if now - since > RESULTS_GATE_MAX:
+            return False
+        assert self.consumer is not None
+        highwater = self.consumer.highwater(TopicPartition(self.results_topic, number))
+        if highwater is None:
+            return True
+        return self.results_read.get(number, -1) + 1 < highwater
+
+    def _retire(self, part: Partition, txn: Transaction, job_id: str, now: datetime) -> None:
+        try:
+            job = part.job(job_id)
+        except StateCorrupted:
+            log.exception("unreadable job at retirement", extra={"job_id": job_id})
+            job = None
+        if job is not None and not job.terminal:
+            return
+        number = part.number
+        txn.rows.pop(job_id, None)
+        txn.add(self.changelog_topic, key(ROW, job_id), None, partition=number)
+        txn.add(self.changelog_topic, key(REQUEST, job_id), None, partition=number)
+        part.forget(job_id)
+        if job is None:
+            return
+        purge_at = now + self.idempotency
+        record = RetiredJob(
+            job_id=job.job_id,
+            tenant_id=job.tenant_id,
+            request_id=job.request_id,
+            fingerprint=job.fingerprint,
+            state=job.status.value,
+            finished_at=job.final.finished_at if job.final else job.updated_at,
+            retired_at=now,
+        )
+        txn.add(
+            self.changelog_topic,
+            key(RETIRED, job_id),
+            encode_retired(record),
+            row_headers(None, purge_at),
+            partition=number,
+        )
+        part.retired[job_id] = record
+        part.purge.set(job_id, purge_at)
+        self.metrics.retired.inc()
+
+    # -- transactions ----------------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        """Hand queued records to each partition's producer (rows: one write per touched job)."""
+        for number, txn in list(self.txns.items()):
+            if txn.rows:
+                for job in txn.rows.values():
+                    retire = job.updated_at + self.retention if job.terminal else None
+                    row = encode_row(job)
+                    txn.add(
+                        self.changelog_topic,
+                        key(ROW, job.job_id),
+                        row,
+                        row_headers(job.next_wake(), retire),
+                        partition=number,
+                    )
+                    part = self.parts.get(number)
+                    if part is not None and job.terminal:
+                        part.put(job, row)
+                txn.rows.clear()
+            if txn.records:
+                records = list(txn.records)
+                txn.records.clear()
+                try:
+                    await txn.send(records)
+                except Exception:
+                    log.exception("send failed", extra={"event": "core.send_failed"})
+                    await self._fail(number)
+
+    async def _commit_all(self) -> None:
+        await self._flush()
+        pending = [(n, t) for n, t in self.txns.items() if t.pending]
+        if not pending:
+            return
+        results = await asyncio.gather(
+            *(self._commit(n, t) for n, t in pending), return_exceptions=True
+        )
+        for (number, _), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "transaction failed: the partition is rebuilt from its changelog",
+                    extra={
+                        "event": "core.commit_failed",
+                        "partition": number,
+                        "error": repr(result),
+                    },
+                )
+                await self._fail(number)
+
+    async def _commit(self, number: int, txn: Transaction) -> None:
+        finished = list(txn.finished)
+        await txn.commit(self.group_id)
+        for job_id in finished:
+            waiter = self.waiters.pop(job_id, None)
+            if waiter is not None:
+                waiter.set()
+
+    async def _fail(self, number: int) -> None:
+        """A transaction that did not commit: forget the partition and rejoin to get it back."""
+        await self._drop(number)
+        if self.consumer is not None and not self.stopping:
+            self.consumer._coordinator.request_rejoin()
+
+    async def _drop(self, number: int) -> None:
+        self.parts.pop(number, None)
+        txn = self.txns.pop(number, None)
+        if txn is None:
+            return
+        try:
+            await txn.abort()
+        except Exception:  # noqa: BLE001 (fenced or broker gone: the epoch bump aborts it)
+            log.info("abort failed", extra={"partition": number})
+        try:
+            await txn.producer.stop()
+        except Exception:  # noqa: BLE001
+            log.info("producer stop failed", extra={"partition": number})
+
+    # -- rebalance -------------------------------------------------------------------------------
+
+    async def on_revoked(self) -> None:
+        self._cancel_loading()
+        async with self.lock:
+            await self._commit_all()
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Keep what was held without a gap; fence and rebuild the rest, off the rebalance path.
+
+        Loading runs in a task of its own with the new partitions paused, so a long restore
+        neither holds up the group's rebalance nor stops this worker's heartbeat and HTTP answers.
+        """
+        assert self.consumer is not None
+        self._cancel_loading()
+        async with self.lock:
+            generation = self.consumer._coordinator.generation
+            numbers = {tp.partition for tp in assigned}
+            continuous = generation == self.generation + 1
+            self.generation = generation
+            for number in sorted(set(self.txns) - numbers if continuous else set(self.txns)):
+                await self._drop(number)
+            self.assigned = numbers
+            load = sorted(numbers - set(self.parts))
+            if load:
+                self.consumer.pause(*[tp for tp in assigned if tp.partition in load])
+                self.loading = asyncio.ensure_future(self._load(load, assigned))
+                self.loading.add_done_callback(self._loaded)
+            self._reset_in_flight()
+
+    def _cancel_loading(self) -> None:
+        if self.loading is not None and not self.loading.done():
+            self.loading.cancel()
+        self.loading = None
+
+    def _loaded(self, task: asyncio.Future[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error(
+            "partitions failed to load: rejoining to get them again",
+            extra={"event": "core.load_failed", "error": repr(task.exception())},
+        )
+        if self.consumer is not None and not self.stopping:
+            self.consumer._coordinator.request_rejoin()
+
+    def _reset_in_flight(self) -> None:
+        live = [j for p in self.parts.values() for j, job in p.jobs.items() if not job.terminal]
+        self.metrics.reset_in_flight(live)
+
+    async def _load(self, numbers: list[int], assigned: set[TopicPartition]) -> None:
+        """Fence each partition's earlier writers, then rebuild it from its committed changelog."""
+        assert self.consumer is not None
+        started = asyncio.get_running_loop().time()
+        producers = {n: self._producer(n) for n in numbers}
+        try:
+            # InitProducerId bumps each id's epoch: the last holder's open transaction is
+            # aborted and its later sends and commits are refused. Only then read the state.
+            await asyncio.gather(*(p.start() for p in producers.values()))
+            parts = await restore(self.settings, self.changelog_topic, numbers)
+            tps = [tp for tp in assigned if tp.partition in parts]
+            committed = {tp: await self.consumer.committed(tp) for tp in tps}
+        except BaseException:
+            await asyncio.gather(*(p.stop() for p in producers.values()), return_exceptions=True)
+            raise
+        async with self.lock:
+            for number, producer in producers.items():
+                self.txns[number] = Transaction(number, producer)
+            self.parts.update(parts)
+            for tp, offset in committed.items():
+                if offset is not None:
+                    self.consumer.seek(tp, offset)
+                else:
+                    await self.consumer.seek_to_beginning(tp)
+                if tp.topic == self.results_topic:
+                    self.results_read[tp.partition] = (offset or 0) - 1
+            self.consumer.resume(*tps)
+            self._reset_in_flight()
+        elapsed = asyncio.get_running_loop().time() - started
+        self.metrics.restore_seconds.observe(elapsed)
+        log.info(
+            "partitions restored",
+            extra={
+                "event": "core.restored",
+                "partitions": numbers,
+                "records": sum(p.restored for p in parts.values()),
+                "jobs": sum(len(p) for p in parts.values()),
+                "seconds": round(elapsed, 3),
+            },
+        )
+
+    def _producer(self, number: int) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            transactional_id=f"{self.group_id}-{number}",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self.settings.producer_linger_ms,
+            max_request_size=2 * 1024 * 1024,
+            transaction_timeout_ms=60000,
+        )
+
+
+async def restore(settings: Settings, changelog: str, numbers: list[int]) -> dict[int, Partition]:
+    """Read the committed changelog of the given partitions into fresh partition states."""
+    parts = {n: Partition(n) for n in numbers}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(changelog, n) for n in numbers]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=10000)
+            for tp, records in batch.items():
+                part = parts[tp.partition]
+                for record in records:
+                    try:
+                        part.apply_changelog(record.key, record.value, record.headers)
+                    except StateCorrupted:
+                        log.exception(
+                            "unreadable changelog record", extra={"offset": record.offset}
+                        )
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return parts
+
+
+def _parent_trace(command: Command, job: Job | None) -> TraceContext | None:
+    if isinstance(command, CreateJob):
+        return command.trace
+    if isinstance(command, RecordResult):
+        return command.result.trace
+    return job.trace if job is not None else None
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, core: JobCore) -> None:
+        self.core = core
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.core.on_revoked()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.core.on_assigned(set(assigned))
