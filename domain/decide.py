@@ -75,7 +75,9 @@ class _Step:
     """Accumulates one command's changes to a job; `freeze` yields the new state."""
 
     def __init__(self, job: Job, at: datetime, ctx: Context) -> None:
-        self.job = job
+        # One private copy per step, changed in place by `update`: the caller's job stays as it
+        # was (an illegal transition starts over from it) and no copy is made per change.
+        self.job = job.model_copy()
         self.at = at
         self.ctx = ctx
         self.entries: list[OutboxEntry] = []
@@ -84,7 +86,7 @@ class _Step:
     # -- state ---------------------------------------------------------------------------------
 
     def update(self, **changes: Any) -> None:
-        self.job = self.job.model_copy(update=changes)
+        self.job.__dict__.update(changes)
 
     def transition(self, target: JobStatus) -> None:
         if not can_transition(self.job.status, target):

@@ -30,7 +30,7 @@ from domain.decide import decide
 from domain.ids import job_id_for
 from domain.job import Job, OutboxEntry
 from domain.messages import CancelRequest, Dispatch, TraceContext
-from domain.outbox import UnrenderableEntry, render
+from domain.outbox import render
 from streams.assignor import CopartitionedAssignor
 from streams.deadletter import dead_letter_record
 from streams.metrics import Metrics
@@ -38,7 +38,7 @@ from streams.partition import Partition
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.tracing import from_headers, span, to_headers, trace_id
-from streams.txn import Transaction
+from streams.txn import Record, Transaction
 from tables.exceptions import StateCorrupted
 from tables.jobs import (
     REQUEST,
@@ -99,6 +99,9 @@ class JobCore:
         self.results_read: dict[int, int] = {}
         self.gated_since: dict[str, datetime] = {}
         self.waiters: dict[str, asyncio.Event] = {}
+        self.backlog: dict[int, list[tuple[TopicPartition, list[ConsumerRecord[Any, Any]]]]] = {}
+        self.commits: dict[int, asyncio.Task[None]] = {}
+        self.failed: set[int] = set()
         self.assignor = CopartitionedAssignor(url, lambda: sorted(self.parts))
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
@@ -145,28 +148,62 @@ class JobCore:
                 await self._drop(number)
 
     async def _run(self) -> None:
+        """Poll, apply, flush; commit each partition on its own, without stopping the others.
+
+        A partition whose transaction is committing keeps its new records in a backlog until the
+        commit returns (nothing may join a transaction being committed); the other partitions go
+        on. A partition commits when its transaction is older than the commit interval, or at
+        once when the poll brought it nothing new (low load: lowest latency).
+        """
         assert self.consumer is not None
-        loop = asyncio.get_running_loop()
         idle_ms = int(self.settings.timer_interval_s * 1000)
         while not self.stopping:
-            open_txn = any(t.pending for t in self.txns.values())
+            if self._ready_work():
+                timeout = 0
+            elif self.commits:
+                timeout = 2
+            else:
+                timeout = idle_ms
             try:
-                batch = await self.consumer.getmany(timeout_ms=0 if open_txn else idle_ms)
+                batch = await self.consumer.getmany(timeout_ms=timeout)
             except Exception:
                 log.exception("core poll failed", extra={"event": "core.poll_failed"})
                 await asyncio.sleep(0.5)
                 continue
             async with self.lock:
-                now = datetime.now(UTC)
-                for tp, records in batch.items():
-                    self._consume(tp, records)
-                self._fire_timers(now)
-                await self._flush()
-                oldest = min((t.opened_at for t in self.txns.values() if t.pending), default=None)
-                if oldest is not None and (
-                    not batch or loop.time() - oldest >= self.commit_interval
-                ):
-                    await self._commit_all()
+                await self._turn(batch)
+
+    def _ready_work(self) -> bool:
+        return any(
+            number not in self.commits and (self.backlog.get(number) or txn.pending)
+            for number, txn in self.txns.items()
+        )
+
+    async def _turn(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        for number in list(self.failed):
+            self.failed.discard(number)
+            await self._fail(number)
+        for tp, records in batch.items():
+            if tp.partition in self.parts and records:
+                self.backlog.setdefault(tp.partition, []).append((tp, records))
+        now = datetime.now(UTC)
+        fresh = {tp.partition for tp, records in batch.items() if records}
+        for number, queued in list(self.backlog.items()):
+            if number in self.commits:
+                continue
+            del self.backlog[number]
+            for tp, records in queued:
+                self._consume(tp, records)
+        self._fire_timers(now)
+        loop_time = asyncio.get_running_loop().time()
+        for number, txn in list(self.txns.items()):
+            if number in self.commits:
+                continue
+            await self._flush(number, txn)
+            if txn.pending and (
+                number not in fresh or loop_time - txn.opened_at >= self.commit_interval
+            ):
+                self._start_commit(number, txn)
 
     # -- reads (API) -----------------------------------------------------------------------------
 
@@ -355,59 +392,54 @@ class JobCore:
             if retired is not None:
                 self._create_retired(txn, record, command, retired)
                 return
+        # Everything that can fail comes first; the step's state and effects then go in whole.
         with span(f"job.{command.kind}", _parent_trace(command, job), job_id=command.job_id):
             decision = decide(job, command, self.runtime.context())
             new = decision.job
-            for observation in decision.observations:
-                self.runtime.health.observe(observation)
-            if decision.dead_letter is not None and record is not None:
-                self._dead_letter(txn, record, *decision.dead_letter)
-            if new is None or new is job:
-                return
-            if new.outbox:
-                self._publish(txn, new, new.outbox)
-                new = decide(
-                    new,
-                    MarkPublished(
-                        command_id=f"published:{command.command_id}",
-                        job_id=new.job_id,
-                        # Effects leave with this step: an attempt's timeout counts from now,
-                        # not from when its command was produced (it may have waited in Kafka).
-                        at=max(command.at, datetime.now(UTC)),
-                        entry_ids=[e.entry_id for e in new.outbox],
-                    ),
-                    self.runtime.context(),
-                ).job
-                assert new is not None
-            if job is None:
-                txn.add(
-                    self.changelog_topic,
-                    key(REQUEST, new.job_id),
-                    encode_request(new.request),
-                    partition=part.number,
-                )
-                part.requests[new.job_id] = new.request
-            txn.rows[new.job_id] = new
-            part.put(new)
-            part.wake.set(new.job_id, new.next_wake())
-            if new.terminal and (job is None or not job.terminal):
-                txn.finished.append(new.job_id)
-                part.retire.set(new.job_id, new.updated_at + self.retention)
-            if decision.outcome != "duplicate_command":
-                self.metrics.observe_step(job, new)
-            if decision.outcome not in ("noop", "duplicate_command"):
-                log.info(
-                    "job step",
-                    extra={
-                        "event": f"job.{decision.outcome}",
-                        "job_id": new.job_id,
-                        "tenant_id": new.tenant_id,
-                        "state": new.status.value,
-                        "attempt_id": new.current.attempt_id if new.current else None,
-                        "provider": new.current.provider if new.current else None,
-                        "trace_id": trace_id(new.trace),
-                    },
-                )
+            effects: list[Record] = []
+            if new is not None and new is not job and new.outbox:
+                effects = self._render(new, new.outbox)
+                new = _published(new, command, self.runtime)
+            request = encode_request(new.request) if job is None and new is not None else None
+        for observation in decision.observations:
+            self.runtime.health.observe(observation)
+        if decision.dead_letter is not None and record is not None:
+            self._dead_letter(txn, record, *decision.dead_letter)
+        if new is None or new is job:
+            return
+        txn.extend(effects)
+        if request is not None:
+            txn.add(self.changelog_topic, key(REQUEST, new.job_id), request, partition=part.number)
+            part.requests[new.job_id] = new.request
+        txn.rows[new.job_id] = new
+        part.put(new)
+        part.wake.set(new.job_id, new.next_wake())
+        if new.terminal and (job is None or not job.terminal):
+            txn.finished.append(new.job_id)
+            part.retire.set(new.job_id, new.updated_at + self.retention)
+            self.gated_since.pop(new.job_id, None)
+        try:
+            self._observe(job, new, decision.outcome)
+        except Exception:
+            log.exception("step bookkeeping failed", extra={"job_id": new.job_id})
+
+    def _observe(self, job: Job | None, new: Job, outcome: str) -> None:
+        if outcome == "duplicate_command":
+            return
+        self.metrics.observe_step(job, new)
+        if outcome != "noop":
+            log.info(
+                "job step",
+                extra={
+                    "event": f"job.{outcome}",
+                    "job_id": new.job_id,
+                    "tenant_id": new.tenant_id,
+                    "state": new.status.value,
+                    "attempt_id": new.current.attempt_id if new.current else None,
+                    "provider": new.current.provider if new.current else None,
+                    "trace_id": trace_id(new.trace),
+                },
+            )
 
     def _create_retired(
         self,
@@ -431,20 +463,17 @@ class JobCore:
             extra={"event": "job.duplicate_retired", "job_id": retired.job_id},
         )
 
-    def _publish(self, txn: Transaction, job: Job, entries: Iterable[OutboxEntry]) -> None:
-        """Queue the messages a step owes into its transaction."""
+    def _render(self, job: Job, entries: Iterable[OutboxEntry]) -> list[Record]:
+        """The messages a step owes, rendered from its new state."""
         key_ = job.job_id.encode()
         headers = to_headers(job.trace)
+        records: list[Record] = []
         for entry in entries:
-            try:
-                message = render(job, entry)
-            except UnrenderableEntry:
-                log.exception("unrenderable outbox entry", extra={"job_id": job.job_id})
-                continue
+            message = render(job, entry)
             if entry.topic == "events":
-                txn.add(self.events_topic, key_, encode(message), headers)
+                records.append(Record(self.events_topic, key_, encode(message), headers))
             elif entry.topic == "responses":
-                txn.add(self.responses_topic, key_, encode(message), headers)
+                records.append(Record(self.responses_topic, key_, encode(message), headers))
             else:
                 topic = self.dispatch_topics.get(entry.provider or "")
                 if topic is None:
@@ -463,9 +492,10 @@ class JobCore:
                         provider=message.provider,
                     ) as trace:
                         message = message.model_copy(update={"trace": trace})
-                        txn.add(topic, key_, encode(message), to_headers(trace))
+                        records.append(Record(topic, key_, encode(message), to_headers(trace)))
                 else:
-                    txn.add(topic, key_, encode(message), headers)
+                    records.append(Record(topic, key_, encode(message), headers))
+        return records
 
     def _dead_letter(
         self, txn: Transaction, record: ConsumerRecord[Any, Any], reason: str, detail: str
@@ -490,14 +520,17 @@ class JobCore:
                 "origin_offset": record.offset,
             },
         )
-        txn.add(self.dlq_topic, record.key, encode(letter))
+        # Keyed by origin, so one partition's letters stay in order.
+        txn.add(self.dlq_topic, f"{record.topic}:{record.partition}".encode(), encode(letter))
 
     # -- timers and retention --------------------------------------------------------------------
 
     def _fire_timers(self, now: datetime) -> None:
         budget = TIMERS_PER_TURN
         for number, part in self.parts.items():
-            txn = self.txns[number]
+            txn = self.txns.get(number)
+            if txn is None or number in self.commits:
+                continue
             for job_id in part.wake.pop_due(now, limit=budget):
                 budget -= 1
                 txn.touch()
@@ -530,6 +563,11 @@ class JobCore:
             command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
         )
         self._step(part, txn, tick, None)
+        if job_id not in part.wake.due:
+            # Not due yet after all (a restored time is rounded): look again when it is.
+            after = part.jobs.get(job_id)
+            if after is not None:
+                part.wake.set(job_id, after.next_wake())
 
     def _hold_timeout(self, number: int, job: Job, now: datetime) -> bool:
         """Hold an attempt timeout while answers already on cp.results wait to be read.
@@ -589,56 +627,61 @@ class JobCore:
 
     # -- transactions ----------------------------------------------------------------------------
 
-    async def _flush(self) -> None:
-        """Hand queued records to each partition's producer (rows: one write per touched job)."""
-        for number, txn in list(self.txns.items()):
-            if txn.rows:
-                for job in txn.rows.values():
-                    retire = job.updated_at + self.retention if job.terminal else None
-                    row = encode_row(job)
-                    txn.add(
-                        self.changelog_topic,
-                        key(ROW, job.job_id),
-                        row,
-                        row_headers(job.next_wake(), retire),
-                        partition=number,
-                    )
-                    part = self.parts.get(number)
-                    if part is not None and job.terminal:
-                        part.put(job, row)
-                txn.rows.clear()
-            if txn.records:
-                records = list(txn.records)
-                txn.records.clear()
-                try:
-                    await txn.send(records)
-                except Exception:
-                    log.exception("send failed", extra={"event": "core.send_failed"})
-                    await self._fail(number)
+    async def _flush(self, number: int, txn: Transaction) -> None:
+        """Hand one partition's queued records to its producer (one row per touched job)."""
+        if txn.rows:
+            part = self.parts.get(number)
+            for job in txn.rows.values():
+                retire = job.updated_at + self.retention if job.terminal else None
+                row = encode_row(job)
+                txn.add(
+                    self.changelog_topic,
+                    key(ROW, job.job_id),
+                    row,
+                    row_headers(job.next_wake(), retire),
+                    partition=number,
+                )
+                if part is not None and job.terminal:
+                    part.put(job, row)
+            txn.rows.clear()
+        if txn.records:
+            records = list(txn.records)
+            txn.records.clear()
+            try:
+                await txn.send(records)
+            except Exception:
+                log.exception("send failed", extra={"event": "core.send_failed"})
+                self.failed.add(number)
+
+    def _start_commit(self, number: int, txn: Transaction) -> None:
+        task = asyncio.ensure_future(self._commit(number, txn))
+        self.commits[number] = task
+        task.add_done_callback(lambda _: self.commits.pop(number, None))
 
     async def _commit_all(self) -> None:
-        await self._flush()
-        pending = [(n, t) for n, t in self.txns.items() if t.pending]
-        if not pending:
-            return
-        results = await asyncio.gather(
-            *(self._commit(n, t) for n, t in pending), return_exceptions=True
-        )
-        for (number, _), result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning(
-                    "transaction failed: the partition is rebuilt from its changelog",
-                    extra={
-                        "event": "core.commit_failed",
-                        "partition": number,
-                        "error": repr(result),
-                    },
-                )
-                await self._fail(number)
+        """Commit every partition now and wait (rebalance and stop)."""
+        for number, txn in list(self.txns.items()):
+            if number not in self.commits:
+                await self._flush(number, txn)
+                if txn.pending:
+                    self._start_commit(number, txn)
+        if self.commits:
+            await asyncio.gather(*self.commits.values(), return_exceptions=True)
+        for number in list(self.failed):
+            self.failed.discard(number)
+            await self._fail(number)
 
     async def _commit(self, number: int, txn: Transaction) -> None:
         finished = list(txn.finished)
-        await txn.commit(self.group_id)
+        try:
+            await txn.commit(self.group_id)
+        except Exception as exc:  # noqa: BLE001 (fenced, timed out, broker gone: all the same here)
+            log.warning(
+                "transaction failed: the partition is rebuilt from its changelog",
+                extra={"event": "core.commit_failed", "partition": number, "error": repr(exc)},
+            )
+            self.failed.add(number)
+            return
         for job_id in finished:
             waiter = self.waiters.pop(job_id, None)
             if waiter is not None:
@@ -652,6 +695,10 @@ class JobCore:
 
     async def _drop(self, number: int) -> None:
         self.parts.pop(number, None)
+        self.backlog.pop(number, None)
+        commit = self.commits.get(number)
+        if commit is not None:
+            await asyncio.gather(commit, return_exceptions=True)
         txn = self.txns.pop(number, None)
         if txn is None:
             return
@@ -801,6 +848,24 @@ async def restore(settings: Settings, changelog: str, numbers: list[int]) -> dic
     finally:
         await consumer.stop()
     return parts
+
+
+def _published(job: Job, command: Command, runtime: Runtime) -> Job:
+    """The job with its outbox sent: effects leave with this step's transaction."""
+    done = decide(
+        job,
+        MarkPublished(
+            command_id=f"published:{command.command_id}",
+            job_id=job.job_id,
+            # An attempt's timeout counts from now, not from when its command was produced
+            # (it may have waited in Kafka).
+            at=max(command.at, datetime.now(UTC)),
+            entry_ids=[e.entry_id for e in job.outbox],
+        ),
+        runtime.context(),
+    ).job
+    assert done is not None
+    return done
 
 
 def _parent_trace(command: Command, job: Job | None) -> TraceContext | None:

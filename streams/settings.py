@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     timer_interval_s: float = 0.25
     producer_linger_ms: int = 3
     commit_interval_ms: int = 100
-    core_max_poll_records: int = 2000
+    gc_thresholds: tuple[int, int, int] = (50_000, 50, 100)
+    core_max_poll_records: int = 200
     job_retention_s: float = 72 * 3600.0
     idempotency_window_s: float = 7 * 24 * 3600.0
     provider_concurrency: int = 64

@@ -64,6 +64,11 @@ class Transaction:
             self.opened_at = asyncio.get_running_loop().time()
         self.records.append(Record(topic, key, value, headers or [], partition))
 
+    def extend(self, records: list[Record]) -> None:
+        if records:
+            self.touch()
+            self.records.extend(records)
+
     def touch(self) -> None:
         if not self.pending:
             self.opened_at = asyncio.get_running_loop().time()

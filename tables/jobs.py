@@ -11,6 +11,7 @@ Every record is written to the changelog partition whose number is the job's par
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,7 +55,8 @@ def split_key(raw: bytes) -> tuple[str, str]:
 
 
 def _ms(at: datetime | None) -> bytes | None:
-    return None if at is None else str(int(at.timestamp() * 1000)).encode()
+    """Epoch milliseconds, rounded up: a restored timer never fires before its time."""
+    return None if at is None else str(math.ceil(at.timestamp() * 1000)).encode()
 
 
 def row_headers(wake: datetime | None, retire: datetime | None) -> Headers:

@@ -1,184 +1,364 @@
-"""Agent-tier fixtures: the real faust app and agents, driven by `test_context()`, no broker.
+"""Agent-tier fixtures and helpers: a real `JobCore` driven one record at a time, no broker.
 
-`streams.app` builds the faust app at import from settings read once from the environment, so it
-is imported here, at conftest import time, with the environment pointing it at an in-memory table
-store, a temporary data dir and an app id of its own. The variables are restored right after the
-import: worker processes that later tiers of the same session start inherit `os.environ`, and they
-must not run on `memory://`.
-
-What the agents send is captured by replacing `streams.agents._send` (commands and outbox entries)
-and `send_dead_letter` (dead letters) with recording fakes: the real ones need a running producer.
+The core is built as `streams.app` builds it (real settings, catalogue, policy and metrics) but
+without importing `streams.app`, which would create the faust app. Instead of a consumer, tests
+hand `ConsumerRecord`s to `JobCore._consume`; instead of transactional producers, each partition's
+`Transaction` gets a `FakeProducer` that records what a commit sends. Steps only queue records in
+their partition's transaction, so what a step did is read from `Driver.pending`; `Driver.commit`
+runs the core's own flush and commit, after which the records are in `Driver.committed`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import os
-import shutil
-import sys
-import tempfile
-import uuid
-from collections.abc import AsyncIterator, Iterator
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry
 
-from domain.messages import DeadLetter
+from domain.codec import decode_command, encode
+from domain.commands import Command
+from domain.ids import job_id_for
+from domain.job import Job
+from domain.messages import DeadLetter, ProviderResult
+from streams.core import JobCore, partition_for
+from streams.metrics import Metrics
+from streams.partition import Partition
+from streams.runtime import Runtime
+from streams.settings import Settings
+from streams.topology import load_topology
+from streams.txn import Record, Transaction
 
-_DATA_DIR = tempfile.mkdtemp(prefix="cp-agents-")
-atexit.register(shutil.rmtree, _DATA_DIR, ignore_errors=True)
-_TEST_ENV = {
-    "CP_STORE": "memory://",
-    "CP_DATA_DIR": _DATA_DIR,
-    "CP_APP_ID": f"agents-{uuid.uuid4().hex[:10]}",
-    "CP_TOPIC_PREFIX": "",
-}
-#: Set when streams.app was imported before this conftest (then its settings are not ours).
-APP_IMPORTED_EARLY = "streams.app" in sys.modules
+ROOT = Path(__file__).resolve().parents[2]
+PARTITIONS = 8
+TENANT = "acme"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
-
-def _import_app_with_test_env() -> None:
-    saved = {name: os.environ.get(name) for name in _TEST_ENV}
-    os.environ.update(_TEST_ENV)
-    try:
-        import streams.app  # noqa: F401  (builds the app from the environment set above)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+Headers = list[tuple[str, bytes]]
 
 
-_import_app_with_test_env()
-
-import streams.agents as agents  # noqa: E402
-
-import streams.deadletter as deadletter  # noqa: E402
-from streams.app import app, runtime, settings  # noqa: E402
+# -- messages --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _app_on_memory_store() -> None:
-    if APP_IMPORTED_EARLY or settings.store != "memory://":
-        pytest.fail(
-            "streams.app was imported before tests/agents/conftest.py with "
-            f"CP_STORE={settings.store!r}: the agent tier needs memory://"
-        )
+def request_body(request_id: str, *, tenant: str | None = TENANT, **fields: Any) -> dict[str, Any]:
+    """A valid cp.intake job request (tenant_id left out when `tenant` is None)."""
+    body: dict[str, Any] = {
+        "request_id": request_id,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        **fields,
+    }
+    if tenant is not None:
+        body["tenant_id"] = tenant
+    return body
+
+
+def as_bytes(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body)
+
+
+def request_id_on(partition: int, *, prefix: str = "req", tenant: str = TENANT) -> str:
+    """The first request id `<prefix>-<n>` whose job lands on `partition` (deterministic)."""
+    for n in itertools.count():
+        request_id = f"{prefix}-{n}"
+        if partition_for(job_id_for(tenant, request_id), PARTITIONS) == partition:
+            return request_id
+    raise AssertionError("unreachable")
+
+
+def provider_result(job_id: str, attempt_id: str, provider: str, model: str, **fields: Any) -> Any:
+    kind = fields.pop("type", "completed")
+    return ProviderResult(
+        event_id=fields.pop("event_id", f"{attempt_id}:{kind}"),
+        type=kind,
+        job_id=job_id,
+        attempt_id=attempt_id,
+        provider=provider,
+        model=model,
+        occurred_at=datetime.now(UTC),
+        **fields,
+    )
+
+
+def header(record: Record, name: str) -> bytes | None:
+    return next((v for k, v in record.headers if k == name), None)
+
+
+# -- fakes ---------------------------------------------------------------------------------------
 
 
 @dataclass
-class Sent:
-    """One record an agent sent: topic name, key, value bytes, headers."""
+class FakeProducer:
+    """Stands in for a partition's transactional producer: records calls and sent records."""
 
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
+    calls: list[str] = field(default_factory=list)
+    sent: list[Record] = field(default_factory=list)
+    offsets: list[dict[TopicPartition, int]] = field(default_factory=list)
 
-    def json(self) -> dict[str, Any]:
-        data: dict[str, Any] = orjson.loads(self.value)
-        return data
+    async def begin_transaction(self) -> None:
+        self.calls.append("begin")
 
-    def header(self, name: str) -> bytes | None:
-        return next((v for k, v in self.headers if k == name), None)
-
-
-@dataclass
-class Capture:
-    """What the agents sent, in order; delivery futures stay pending until `acknowledge`."""
-
-    sent: list[Sent] = field(default_factory=list)
-    dead: list[tuple[str, bytes, DeadLetter]] = field(default_factory=list)
-    futures: list[asyncio.Future[Any]] = field(default_factory=list)
-
-    def to(self, topic: str) -> list[Sent]:
-        return [s for s in self.sent if s.topic == topic]
-
-    def reasons(self) -> list[str]:
-        return [record.reason for _, _, record in self.dead]
-
-    def clear(self) -> None:
-        self.sent.clear()
-        self.dead.clear()
-
-    def acknowledge(self) -> None:
-        """Kafka acknowledges every send so far (the agent marks them published next step)."""
-        for future in self.futures:
-            if not future.done():
-                future.set_result(None)
-
-
-@pytest.fixture
-async def capture(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Capture]:
-    """Replace the agents' producer sends and dead-letter sends with recorders."""
-    captured = Capture()
-
-    async def fake_send(
-        topic: Any, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None
-    ) -> asyncio.Future[Any]:
-        captured.sent.append(Sent(topic.get_topic_name(), key, value, list(headers or [])))
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        captured.futures.append(future)
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
+    ) -> asyncio.Future[None]:
+        self.calls.append("send")
+        self.sent.append(Record(topic, key, value, list(headers or []), partition))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
         return future
 
-    async def fake_dead_letter(dlq: Any, record: DeadLetter) -> None:
-        key = f"{record.topic}:{record.partition}".encode()
-        captured.dead.append((dlq.get_topic_name(), key, record))
+    async def send_offsets_to_transaction(
+        self, offsets: dict[TopicPartition, int], group_id: str
+    ) -> None:
+        self.calls.append("offsets")
+        self.offsets.append(dict(offsets))
 
-    monkeypatch.setattr(agents, "_send", fake_send)
-    monkeypatch.setattr(agents, "send_dead_letter", fake_dead_letter)
-    monkeypatch.setattr(deadletter, "send_dead_letter", fake_dead_letter)
-    yield captured
-    # Delivery watchers of this test's outbox sends must not outlive its event loop.
-    for task in list(agents._background):
-        task.cancel()
-    await asyncio.gather(*agents._background, return_exceptions=True)
-    for future in captured.futures:
-        future.cancel()
+    async def commit_transaction(self) -> None:
+        self.calls.append("commit")
 
+    async def abort_transaction(self) -> None:
+        self.calls.append("abort")
 
-@pytest.fixture(autouse=True)
-def _fresh_runtime() -> Iterator[None]:
-    """Per-worker runtime state (acks, timers, health) must not leak between tests."""
-    runtime.delivered.clear()
-    runtime.wake.clear()
-    runtime.health.providers.clear()
-    yield
-    runtime.delivered.clear()
-    runtime.wake.clear()
-    runtime.health.providers.clear()
+    async def stop(self) -> None:
+        self.calls.append("stop")
 
 
-@dataclass(frozen=True)
-class ChangelogWrite:
-    topic: str
-    key: Any
-    value: Any
+@dataclass
+class FakeConsumer:
+    """What the attempt-timeout gate asks of the consumer: cp.results' high-water mark."""
+
+    highwaters: dict[int, int | None] = field(default_factory=dict)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.highwaters.get(tp.partition)
 
 
-def _drain_changelog() -> list[ChangelogWrite]:
-    """Take the table's changelog writes out of the (never started) producer's buffer."""
-    pending = app.producer.buffer.pending
-    writes = []
-    while not pending.empty():
-        message = pending.get_nowait().message
-        writes.append(ChangelogWrite(message.channel.get_topic_name(), message.key, message.value))
-    return writes
+# -- the driver ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Driver:
+    """A job core holding every partition, fed records by hand."""
+
+    core: JobCore
+    producers: dict[int, FakeProducer]
+    consumer: FakeConsumer
+    committed: list[Record] = field(default_factory=list)
+    _offsets: defaultdict[tuple[str, int], Iterator[int]] = field(
+        default_factory=lambda: defaultdict(itertools.count)
+    )
+
+    # -- names
+
+    @property
+    def settings(self) -> Settings:
+        return self.core.settings
+
+    def topic(self, name: str) -> str:
+        return self.settings.topic(name)
+
+    def partition_of(self, job_id: str) -> int:
+        return self.core.partition_of(job_id)
+
+    def part(self, job_id: str) -> Partition:
+        return self.core.parts[self.partition_of(job_id)]
+
+    def txn(self, job_id: str) -> Transaction:
+        return self.core.txns[self.partition_of(job_id)]
+
+    def job(self, job_id: str) -> Job | None:
+        return self.core.job(job_id)
+
+    # -- input
+
+    def record(
+        self,
+        topic: str,
+        partition: int,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Iterable[tuple[str, bytes]] = (),
+    ) -> ConsumerRecord[bytes, bytes]:
+        """A record of a logical topic at the next offset of its partition."""
+        real = self.topic(topic)
+        return ConsumerRecord(
+            topic=real,
+            partition=partition,
+            offset=next(self._offsets[(real, partition)]),
+            timestamp=0,
+            timestamp_type=0,
+            key=key,
+            value=value,
+            checksum=None,
+            serialized_key_size=len(key) if key is not None else -1,
+            serialized_value_size=len(value) if value is not None else -1,
+            headers=tuple(headers),
+        )
+
+    def consume(
+        self,
+        topic: str,
+        partition: int,
+        *values: bytes | None,
+        key: bytes | None = None,
+        headers: Iterable[tuple[str, bytes]] = (),
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """Hand one batch of records of a logical topic's partition to the core."""
+        fixed = list(headers)
+        records = [self.record(topic, partition, v, key=key, headers=fixed) for v in values]
+        self.core._consume(TopicPartition(self.topic(topic), partition), records)
+        return records
+
+    def intake(
+        self,
+        body: dict[str, Any] | bytes | None,
+        *,
+        partition: int = 0,
+        key: bytes | None = None,
+        headers: Iterable[tuple[str, bytes]] = (),
+    ) -> ConsumerRecord[bytes, bytes]:
+        value = as_bytes(body) if isinstance(body, dict) else body
+        [record] = self.consume("cp.intake", partition, value, key=key, headers=headers)
+        return record
+
+    def command(
+        self, command: Command | bytes, *, partition: int | None = None, key: bytes | None = None
+    ) -> ConsumerRecord[bytes, bytes]:
+        """Put a command on cp.commands, by default on its job's partition keyed by job_id."""
+        if isinstance(command, bytes):
+            value = command
+            assert partition is not None
+        else:
+            value = encode(command)
+            partition = self.partition_of(command.job_id) if partition is None else partition
+            key = command.job_id.encode() if key is None else key
+        [record] = self.consume("cp.commands", partition, value, key=key)
+        return record
+
+    def result(
+        self, result: ProviderResult, *, partition: int | None = None
+    ) -> ConsumerRecord[bytes, bytes]:
+        """Put a provider result on cp.results, by default on its job's partition."""
+        number = self.partition_of(result.job_id) if partition is None else partition
+        [record] = self.consume("cp.results", number, encode(result), key=result.job_id.encode())
+        return record
+
+    def redeliver(self, record: Record) -> ConsumerRecord[bytes, bytes]:
+        """Consume a record the core produced (a re-keyed command) where Kafka would put it."""
+        assert record.topic == self.topic("cp.commands") and record.partition is not None
+        [consumed] = self.consume(
+            "cp.commands", record.partition, record.value, key=record.key, headers=record.headers
+        )
+        return consumed
+
+    # -- output
+
+    def pending(self, topic: str | None = None) -> list[Record]:
+        """Records queued in the open transactions (partition order, then queue order)."""
+        records = [r for n in sorted(self.core.txns) for r in self.core.txns[n].records]
+        return records if topic is None else [r for r in records if r.topic == self.topic(topic)]
+
+    def pending_commands(self) -> list[Command]:
+        return [decode_command(r.value) for r in self.pending("cp.commands")]
+
+    def dead(self) -> list[DeadLetter]:
+        return dead_letters(self.pending("cp.dlq"))
+
+    def reasons(self) -> list[str]:
+        return [letter.reason for letter in self.dead()]
+
+    def sent_to(self, records: list[Record], topic: str) -> list[Record]:
+        return [r for r in records if r.topic == self.topic(topic)]
+
+    def dispatches(self, records: list[Record] | None = None) -> list[Record]:
+        prefix = self.topic("cp.dispatch.")
+        return [
+            r
+            for r in (self.pending() if records is None else records)
+            if r.topic.startswith(prefix)
+        ]
+
+    async def commit(self) -> list[Record]:
+        """Flush and commit every open transaction; return what this commit produced."""
+        before = {n: len(p.sent) for n, p in self.producers.items()}
+        await self.core._commit_all()
+        produced = [r for n, p in sorted(self.producers.items()) for r in p.sent[before[n] :]]
+        self.committed.extend(produced)
+        return produced
+
+    # -- whole flows
+
+    async def admit(self, request_id: str, *, partition: int = 0, **fields: Any) -> Record:
+        """Run a request through intake and commit: return the CreateJob record it produced."""
+        self.intake(request_body(request_id, **fields), partition=partition)
+        [create] = self.sent_to(await self.commit(), "cp.commands")
+        return create
+
+    async def create(self, request_id: str, **fields: Any) -> Job:
+        """Admit a request, apply its CreateJob and commit: return the job as stored."""
+        self.redeliver(await self.admit(request_id, **fields))
+        await self.commit()
+        job = self.job(job_id_for(TENANT, request_id))
+        assert job is not None
+        return job
+
+
+def dead_letters(records: list[Record]) -> list[DeadLetter]:
+    return [DeadLetter.model_validate_json(r.value or b"") for r in records]
 
 
 @pytest.fixture
-def changelog() -> Iterator[Any]:
-    """Return a function listing the changelog writes since the test began (or the last call)."""
-    _drain_changelog()
-    yield _drain_changelog
-    _drain_changelog()
+def settings() -> Settings:
+    return Settings(
+        app_id="agents",
+        topic_prefix="agents-tier.",
+        topics_file=ROOT / "topics.yaml",
+        catalogue_file=ROOT / "config" / "catalogue.yaml",
+        policy_file=ROOT / "config" / "policy.yaml",
+    )
 
 
 @pytest.fixture
-def unique() -> str:
-    """A request id no other test uses: the job table lives as long as the session."""
-    return "r-" + uuid.uuid4().hex[:12]
+def make_driver(settings: Settings) -> Callable[..., Driver]:
+    """Build a job core holding the given partitions (all of them by default)."""
+
+    def make(partitions: Iterable[int] = range(PARTITIONS)) -> Driver:
+        runtime = Runtime.load(settings)
+        metrics = Metrics(CollectorRegistry(), circuits=runtime.circuits)
+        core = JobCore(settings, runtime, metrics, url="http://agents.test")
+        core.partitions = PARTITIONS
+        topology = load_topology(settings.topics_file)
+        assert topology.job_partitions() == PARTITIONS
+        core.dispatch_topics = {
+            provider: settings.topic(spec.name)
+            for provider, spec in topology.dispatch_topics().items()
+        }
+        consumer = FakeConsumer()
+        core.consumer = cast(AIOKafkaConsumer, consumer)
+        producers = {n: FakeProducer() for n in partitions}
+        for number, producer in producers.items():
+            core.parts[number] = Partition(number)
+            core.txns[number] = Transaction(number, cast(AIOKafkaProducer, producer))
+        core.assigned = set(producers)
+        return Driver(core, producers, consumer)
+
+    return make
+
+
+@pytest.fixture
+def driver(make_driver: Callable[..., Driver]) -> Driver:
+    return make_driver()

@@ -1,260 +1,283 @@
-"""The agents on faust's `test_context()`: intake, results and the job agent, with no broker.
+"""The agent tier: the job core's steps, one record at a time, with no broker.
 
-Records are put on each agent's in-memory test channel as raw bytes (as the real topics deliver
-them); what the agents send is captured by the `capture` fixture, the job table is the real one on
-the memory store, and its changelog writes stay in the unstarted producer's buffer.
+Each test drives a real `JobCore` (real settings, catalogue, policy, `domain.decide`) through its
+synchronous step methods: records go in through `JobCore._consume` as a consumer would hand them
+over, and what a step did is read from the records it queued in its partition's transaction
+(`Driver.pending`), the rows it left for the changelog (`Transaction.rows`) and the partition's
+state. `Driver.commit` runs the core's own flush and commit against recording fake producers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-import orjson
 import pytest
-import streams.agents as agents
+from aiokafka import TopicPartition
 
+import streams.core
 from domain.codec import decode_command, encode
-from domain.commands import CancelJob, Command, CreateJob, RecordResult
+from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult
 from domain.decide import decide as real_decide
 from domain.ids import idempotency_key, job_id_for
 from domain.job import Job
-from domain.lifecycle import JobStatus
-from domain.messages import Dispatch, JobEvent, Output, ProviderResult
-from streams.app import runtime, settings
+from domain.lifecycle import AttemptStatus, JobStatus
+from domain.messages import Dispatch, FinalResponse, JobEvent, JobRequest, Output, ProviderCancel
+from streams.core import RESULTS_GATE_MAX, RESULTS_GATE_RECHECK, CoreNotReady
+from streams.partition import Partition
 from streams.tracing import trace_id, valid_traceparent
-from tables.jobs import decode_job
+from streams.txn import Record
+from tables.exceptions import StateCorrupted
+from tables.jobs import (
+    REQUEST,
+    RETIRED,
+    ROW,
+    RetiredJob,
+    decode_row,
+    encode_request,
+    encode_retired,
+    encode_row,
+    header_time,
+    key,
+    row_headers,
+)
+from tests.agents.conftest import (
+    TENANT,
+    TRACEPARENT,
+    Driver,
+    as_bytes,
+    header,
+    provider_result,
+    request_body,
+    request_id_on,
+)
 
-if TYPE_CHECKING:  # only for annotations: importing conftest again would re-run it
-    from tests.agents.conftest import Capture, ChangelogWrite
-
-TENANT = "acme"
-TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+INTAKE = "cp.intake"
 COMMANDS = "cp.commands"
 RESULTS = "cp.results"
 EVENTS = "cp.events"
+RESPONSES = "cp.responses"
 DLQ = "cp.dlq"
+CHANGELOG = "{app_id}-jobs-changelog"
 
 
-def request_body(request_id: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "request_id": request_id,
-        "tenant_id": TENANT,
-        "messages": [{"role": "user", "content": "Say hello."}],
-        **fields,
-    }
+def events(records: list[Record]) -> list[JobEvent]:
+    return [JobEvent.model_validate_json(r.value or b"") for r in records]
 
 
-def as_bytes(body: dict[str, Any]) -> bytes:
-    return orjson.dumps(body)
+def near_ms(restored: datetime | None, exact: datetime | None) -> bool:
+    """A time read back from a changelog header: `exact`, rounded up to the millisecond."""
+    if restored is None or exact is None:
+        return restored is exact
+    return timedelta(0) <= restored - exact < timedelta(milliseconds=1)
 
 
-def stored_job(job_id: str) -> Job | None:
-    return decode_job(agents.jobs.get(job_id))
+def metric(driver: Driver, name: str, **labels: str) -> float:
+    return driver.core.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def commands(capture: Capture) -> list[Command]:
-    return [decode_command(sent.value) for sent in capture.to(COMMANDS)]
-
-
-#: Offsets of the records put on test channels. A topic never reuses an offset, and intake
-#: derives command ids from (topic, partition, offset), but each test_context() counts from 0:
-#: give each context its own block of offsets instead, so two records never share one.
-_OFFSET_BLOCKS = itertools.count(1)
-
-
-@asynccontextmanager
-async def running(agent: Any) -> AsyncIterator[Any]:
-    """An agent on its test channel; `put` returns once the agent has processed the record."""
-    async with agent.test_context() as tested:
-        tested.sent_offset = next(_OFFSET_BLOCKS) * 1000
-        yield tested
-
-
-async def create_job(capture: Capture, request_id: str, **fields: Any) -> tuple[str, bytes]:
-    """Run a request through intake and return its job_id and CreateJob command bytes."""
-    async with running(agents.intake) as intake:
-        await intake.put(as_bytes(request_body(request_id, **fields)), key=b"any")
-    [sent] = capture.to(COMMANDS)
-    capture.clear()
-    return job_id_for(TENANT, request_id), sent.value
-
-
-async def settle() -> None:
-    """Let the delivery watchers of acknowledged sends run."""
-    for _ in range(5):
-        await asyncio.sleep(0)
+def complete(driver: Driver, job: Job, **fields: Any) -> Job:
+    """Apply a `completed` result of the job's current attempt on the job's own partition."""
+    attempt = job.current
+    assert attempt is not None
+    driver.result(
+        provider_result(
+            job.job_id,
+            attempt.attempt_id,
+            attempt.provider,
+            attempt.model,
+            output=Output(text="Hello.", finish_reason="stop"),
+            raw_usage={"input_tokens": 10, "output_tokens": 3},
+            **fields,
+        )
+    )
+    done = driver.job(job.job_id)
+    assert done is not None and done.status is JobStatus.COMPLETED
+    return done
 
 
 # -- intake ---------------------------------------------------------------------------------------
 
 
-async def test_intake_turns_a_request_into_a_create_command_keyed_by_job_id(
-    capture: Capture, unique: str
+async def test_intake_turns_a_request_into_a_create_command_rekeyed_onto_the_jobs_partition(
+    driver: Driver,
 ) -> None:
-    async with running(agents.intake) as intake:
-        await intake.put(
-            as_bytes(request_body(unique)),
-            key=b"producer-key",
-            headers=[("traceparent", TRACEPARENT.encode())],
-        )
+    request_id = request_id_on(5)
+    record = driver.intake(
+        request_body(request_id),
+        partition=2,
+        key=b"producer-key",
+        headers=[("traceparent", TRACEPARENT.encode())],
+    )
 
-    assert capture.dead == []
-    [sent] = capture.sent
-    job_id = job_id_for(TENANT, unique)
-    assert (sent.topic, sent.key) == (COMMANDS, job_id.encode())
+    job_id = job_id_for(TENANT, request_id)
+    assert driver.dead() == []
+    # Queued in the intake partition's transaction, for partition 5 of cp.commands.
+    [sent] = driver.core.txns[2].records
+    assert driver.pending() == [sent]
+    assert (sent.topic, sent.key, sent.partition) == (
+        driver.topic(COMMANDS),
+        job_id.encode(),
+        5,
+    )
     command = decode_command(sent.value)
     assert isinstance(command, CreateJob)
     assert (command.job_id, command.tenant_id, command.source) == (job_id, TENANT, "kafka")
-    assert command.request.request_id == unique
+    assert command.command_id == f"intake:{record.topic}:2:{record.offset}"
+    assert command.request.request_id == request_id
     assert command.fingerprint == command.request.fingerprint()
     # The producer's trace continues: same trace id on the command and in its header.
-    header = sent.header("traceparent")
-    assert header is not None and valid_traceparent(header.decode())
+    traceparent = header(sent, "traceparent")
+    assert traceparent is not None and valid_traceparent(traceparent.decode())
     assert trace_id(command.trace) == TRACEPARENT.split("-")[1]
-    assert header.decode() == command.trace.traceparent
+    assert traceparent.decode() == command.trace.traceparent
+    # The intake offset commits with the command; intake itself creates no job.
+    assert driver.core.txns[2].offsets == {TopicPartition(record.topic, 2): record.offset + 1}
+    assert driver.core.held() == 0
+    assert all(not txn.rows for txn in driver.core.txns.values())
 
 
-async def test_intake_starts_a_trace_when_the_record_has_none(
-    capture: Capture, unique: str
-) -> None:
-    async with running(agents.intake) as intake:
-        await intake.put(as_bytes(request_body(unique)), key=None)
+async def test_intake_starts_a_trace_when_the_record_has_none(driver: Driver) -> None:
+    driver.intake(request_body("r-1"))
 
-    [sent] = capture.sent
-    header = sent.header("traceparent")
-    assert header is not None and valid_traceparent(header.decode())
+    [sent] = driver.pending()
+    traceparent = header(sent, "traceparent")
+    assert traceparent is not None and valid_traceparent(traceparent.decode())
     command = decode_command(sent.value)
     assert isinstance(command, CreateJob)
-    assert command.trace.traceparent == header.decode()
+    assert command.trace.traceparent == traceparent.decode()
 
 
 async def test_the_same_request_twice_gives_two_create_commands_for_one_job(
-    capture: Capture, unique: str
+    driver: Driver,
 ) -> None:
-    body = as_bytes(request_body(unique))
-    async with running(agents.intake) as intake:
-        await intake.put(body, key=b"a")
-        await intake.put(body, key=b"b")
+    body = as_bytes(request_body("r-1"))
+    driver.consume(INTAKE, 0, body, body, key=b"a")
 
-    assert capture.dead == []
-    sent = capture.to(COMMANDS)
-    assert len(sent) == len(capture.sent) == 2
-    job_id = job_id_for(TENANT, unique)
-    assert {s.key for s in sent} == {job_id.encode()}
-    first, second = commands(capture)
+    assert driver.dead() == []
+    job_id = job_id_for(TENANT, "r-1")
+    sent = driver.pending()
+    assert [s.topic for s in sent] == [driver.topic(COMMANDS)] * 2
+    assert {(s.key, s.partition) for s in sent} == {(job_id.encode(), driver.partition_of(job_id))}
+    first, second = driver.pending_commands()
     assert isinstance(first, CreateJob) and isinstance(second, CreateJob)
     assert first.job_id == second.job_id == job_id
     assert first.fingerprint == second.fingerprint
-    # Distinct command ids (from the record's offset): the job agent dedups by job, not here.
+    # Distinct command ids (from the record's offset): the job step dedups by job, not here.
     assert first.command_id != second.command_id
 
 
-async def test_intake_dead_letters_garbage_as_not_json(capture: Capture) -> None:
+async def test_intake_dead_letters_garbage_as_not_json_and_goes_on(driver: Driver) -> None:
     garbage = b"\x00\xffnot json at all"
-    async with running(agents.intake) as intake:
-        event = await intake.put(garbage, key=b"k1")
+    bad, good = driver.consume(INTAKE, 3, garbage, as_bytes(request_body("r-1")), key=b"k1")
 
-    assert capture.sent == []
-    [(topic, key, record)] = capture.dead
-    assert topic == DLQ
-    assert record.reason == "not_json"
-    assert (record.topic, record.partition) == ("cp.intake", 0)
-    assert record.offset == event.message.offset
-    assert key == b"cp.intake:0"
-    assert record.key == "k1"
-    assert base64.b64decode(record.payload_b64) == garbage
-    assert record.payload_size == len(garbage)
+    [letter] = driver.dead()
+    assert letter.reason == "not_json"
+    assert (letter.topic, letter.partition, letter.offset) == (driver.topic(INTAKE), 3, bad.offset)
+    assert letter.key == "k1"
+    assert base64.b64decode(letter.payload_b64) == garbage
+    assert letter.payload_size == len(garbage)
+    [dlq] = driver.pending(DLQ)
+    assert dlq.key == f"{driver.topic(INTAKE)}:3".encode()
+    assert metric(driver, "cp_dead_letters_total", reason="not_json", topic=bad.topic) == 1
+    # The next record of the batch is taken as usual, and the offset moves past both.
+    assert [c.job_id for c in driver.pending_commands()] == [job_id_for(TENANT, "r-1")]
+    assert driver.core.txns[3].offsets == {TopicPartition(bad.topic, 3): good.offset + 1}
 
 
-async def test_intake_dead_letters_a_request_without_tenant_as_schema(
-    capture: Capture, unique: str
+async def test_intake_dead_letters_a_request_without_tenant_as_schema(driver: Driver) -> None:
+    driver.intake(request_body("r-1", tenant=None))
+
+    assert driver.pending_commands() == []
+    [letter] = driver.dead()
+    assert letter.reason == "schema"
+    assert "tenant_id" in letter.detail
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param(as_bytes(request_body("r-1", messages=[])), "schema", id="no-messages"),
+        pytest.param(as_bytes(request_body("r-1", surprise=1)), "schema", id="unknown-field"),
+        pytest.param(b"[1, 2]", "schema", id="not-an-object"),
+        pytest.param(
+            as_bytes({"type": "cancel", "tenant_id": TENANT}), "schema", id="cancel-no-target"
+        ),
+        pytest.param(None, "empty", id="tombstone"),
+    ],
+)
+async def test_intake_dead_letters_an_invalid_request(
+    driver: Driver, value: bytes | None, reason: str
 ) -> None:
-    body = request_body(unique)
-    del body["tenant_id"]
-    async with running(agents.intake) as intake:
-        await intake.put(as_bytes(body), key=None)
+    driver.intake(value)
 
-    assert capture.sent == []
-    assert capture.reasons() == ["schema"]
-    assert "tenant_id" in capture.dead[0][2].detail
+    assert driver.pending_commands() == []
+    assert driver.reasons() == [reason]
 
 
-async def test_intake_dead_letters_an_invalid_request_as_schema(
-    capture: Capture, unique: str
-) -> None:
-    async with running(agents.intake) as intake:
-        await intake.put(as_bytes(request_body(unique, messages=[])), key=None)
-        await intake.put(as_bytes(request_body(unique, surprise=1)), key=None)
-        await intake.put(b"[1, 2]", key=None)
+async def test_intake_dead_letters_an_oversize_record(driver: Driver) -> None:
+    padding = "x" * driver.settings.max_request_bytes
+    payload = as_bytes(request_body("r-1", metadata={"padding": padding}))
+    assert len(payload) > driver.settings.max_request_bytes
+    driver.intake(payload)
 
-    assert capture.sent == []
-    assert capture.reasons() == ["schema", "schema", "schema"]
-
-
-async def test_intake_dead_letters_an_oversize_record(capture: Capture, unique: str) -> None:
-    padding = "x" * settings.max_request_bytes
-    payload = as_bytes(request_body(unique, metadata={"padding": padding}))
-    assert len(payload) > settings.max_request_bytes
-    async with running(agents.intake) as intake:
-        await intake.put(payload, key=None)
-
-    assert capture.sent == []
-    [(_, _, record)] = capture.dead
-    assert record.reason == "oversize"
-    assert record.payload_size == len(payload)
+    assert driver.pending_commands() == []
+    [letter] = driver.dead()
+    assert letter.reason == "oversize"
+    assert letter.payload_size == len(payload)
 
 
-async def test_intake_turns_a_cancel_request_into_a_cancel_command(
-    capture: Capture, unique: str
-) -> None:
-    cancel = {"type": "cancel", "tenant_id": TENANT, "request_id": unique, "reason": "changed mind"}
-    async with running(agents.intake) as intake:
-        await intake.put(as_bytes(cancel), key=None)
+@pytest.mark.parametrize("by", ["request_id", "job_id"])
+async def test_intake_turns_a_cancel_request_into_a_cancel_command(driver: Driver, by: str) -> None:
+    job_id = job_id_for(TENANT, "r-1")
+    target = {"request_id": "r-1"} if by == "request_id" else {"job_id": job_id}
+    driver.intake({"type": "cancel", "tenant_id": TENANT, "reason": "changed mind", **target})
 
-    assert capture.dead == []
-    job_id = job_id_for(TENANT, unique)
-    [sent] = capture.sent
-    assert (sent.topic, sent.key) == (COMMANDS, job_id.encode())
+    assert driver.dead() == []
+    [sent] = driver.pending()
+    assert (sent.topic, sent.key, sent.partition) == (
+        driver.topic(COMMANDS),
+        job_id.encode(),
+        driver.partition_of(job_id),
+    )
     command = decode_command(sent.value)
     assert isinstance(command, CancelJob)
     assert (command.job_id, command.tenant_id, command.reason) == (job_id, TENANT, "changed mind")
 
 
-async def test_intake_keeps_going_after_a_bad_record(capture: Capture, unique: str) -> None:
-    async with running(agents.intake) as intake:
-        await intake.put(b"{", key=None)
-        await intake.put(as_bytes(request_body(unique)), key=None)
-
-    assert capture.reasons() == ["not_json"]
-    assert [s.key for s in capture.to(COMMANDS)] == [job_id_for(TENANT, unique).encode()]
-
-
 # -- results --------------------------------------------------------------------------------------
 
 
-def provider_result(job_id: str, attempt_id: str, provider: str, model: str, **fields: Any) -> Any:
-    return ProviderResult(
-        event_id=fields.pop("event_id", f"{attempt_id}:{fields.get('type', 'completed')}"),
-        type=fields.pop("type", "completed"),
-        job_id=job_id,
-        attempt_id=attempt_id,
-        provider=provider,
-        model=model,
-        occurred_at=datetime.now(UTC),
-        **fields,
+async def test_a_result_on_the_jobs_own_partition_is_applied_directly(driver: Driver) -> None:
+    job = await driver.create("r-1")
+    attempt = job.current
+    assert attempt is not None
+    started = provider_result(
+        job.job_id, attempt.attempt_id, attempt.provider, attempt.model, type="started"
     )
+    record = driver.result(started)
+
+    number = driver.partition_of(job.job_id)
+    assert driver.pending_commands() == [] and driver.dead() == []
+    stored = driver.job(job.job_id)
+    assert stored is not None and stored.status is JobStatus.STARTED
+    assert stored.current is not None and stored.current.status is AttemptStatus.STARTED
+    assert [e.type for e in events(driver.pending(EVENTS))] == ["started"]
+    assert driver.core.txns[number].rows == {job.job_id: stored}
+    # The attempt-timeout gate knows how far cp.results is read on this partition.
+    assert driver.core.results_read[number] == record.offset
+    assert driver.core.txns[number].offsets == {
+        TopicPartition(record.topic, number): record.offset + 1
+    }
 
 
-async def test_results_rekeys_a_provider_result_as_a_record_result_command(
-    capture: Capture, unique: str
+async def test_a_result_on_another_partition_is_rekeyed_as_a_record_result_command(
+    driver: Driver,
 ) -> None:
-    job_id = job_id_for(TENANT, unique)
+    job_id = job_id_for(TENANT, request_id_on(6))
     result = provider_result(
         job_id,
         f"{job_id}-a1",
@@ -264,313 +287,742 @@ async def test_results_rekeys_a_provider_result_as_a_record_result_command(
         event_id="ev-1",
         trace={"traceparent": TRACEPARENT},
     )
-    async with running(agents.results) as results:
-        await results.put(encode(result), key=b"whatever")
+    record = driver.result(result, partition=1)
 
-    assert capture.dead == []
-    [sent] = capture.sent
-    assert (sent.topic, sent.key) == (COMMANDS, job_id.encode())
+    assert driver.dead() == []
+    [sent] = driver.core.txns[1].records
+    assert driver.pending() == [sent]
+    assert (sent.topic, sent.key, sent.partition) == (driver.topic(COMMANDS), job_id.encode(), 6)
     command = decode_command(sent.value)
     assert isinstance(command, RecordResult)
     # Named by the record's position: a re-sent answer is a new command, deduped by event id.
-    assert command.command_id.startswith(f"result:{RESULTS}:")
+    assert command.command_id == f"result:{record.topic}:1:{record.offset}"
     assert command.result.model_dump(exclude={"trace"}) == result.model_dump(exclude={"trace"})
     assert trace_id(command.result.trace) == TRACEPARENT.split("-")[1]
-    assert sent.header("traceparent") is not None
+    assert header(sent, "traceparent") is not None
+    # Nothing was applied here: partition 6 applies it when the command comes round.
+    assert driver.core.parts[6].jobs == {} and driver.core.parts[1].jobs == {}
 
 
-async def test_results_dead_letters_garbage_and_keeps_going(capture: Capture, unique: str) -> None:
-    job_id = job_id_for(TENANT, unique)
+async def test_results_dead_letters_garbage_and_keeps_going(driver: Driver) -> None:
+    job_id = job_id_for(TENANT, request_id_on(6))
     good = provider_result(job_id, f"{job_id}-a1", "sim-fast", "swift-mini-sim")
-    async with running(agents.results) as results:
-        await results.put(b"garbage", key=None)
-        await results.put(b'{"type": "completed"}', key=None)
-        await results.put(encode(good), key=None)
+    driver.consume(RESULTS, 1, b"garbage", b'{"type": "completed"}', encode(good))
 
-    assert capture.reasons() == ["not_json", "schema"]
-    assert {record.topic for _, _, record in capture.dead} == {"cp.results"}
-    assert [s.key for s in capture.to(COMMANDS)] == [job_id.encode()]
+    assert driver.reasons() == ["not_json", "schema"]
+    assert {letter.topic for letter in driver.dead()} == {driver.topic(RESULTS)}
+    assert [s.key for s in driver.pending(COMMANDS)] == [job_id.encode()]
 
 
-# -- the job agent --------------------------------------------------------------------------------
+# -- the job step ---------------------------------------------------------------------------------
 
 
-async def test_create_job_stores_a_dispatched_job_and_publishes_its_outbox(
-    capture: Capture, changelog: Callable[[], list[ChangelogWrite]], unique: str
+async def test_create_job_stores_a_dispatched_job_and_queues_its_dispatch_and_events(
+    driver: Driver,
 ) -> None:
-    job_id, create = await create_job(capture, unique)
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
+    create = await driver.admit("r-1")
+    driver.redeliver(create)
 
-    assert capture.dead == []
-    job = stored_job(job_id)
-    assert job is not None
-    assert job.status is JobStatus.DISPATCHED
+    job_id = job_id_for(TENANT, "r-1")
+    number = driver.partition_of(job_id)
+    assert create.partition == number
+    assert driver.dead() == []
+    job = driver.job(job_id)
+    assert job is not None and job.status is JobStatus.DISPATCHED
     assert job.current is not None
     provider = job.current.provider
     assert job.current.attempt_id == f"{job_id}-a1"
+    # Everything the step queued is in its own partition's transaction.
+    txn = driver.core.txns[number]
+    assert driver.pending() == txn.records
 
     # One dispatch to the chosen provider's queue, keyed by job_id, with the trace header.
-    dispatches = [s for s in capture.sent if s.topic.startswith("cp.dispatch.")]
-    assert [s.topic for s in dispatches] == [f"cp.dispatch.{provider}"]
-    dispatch = Dispatch.model_validate_json(dispatches[0].value)
-    assert dispatches[0].key == job_id.encode()
+    [dispatch_record] = driver.dispatches()
+    assert dispatch_record.topic == driver.topic(f"cp.dispatch.{provider}")
+    assert dispatch_record.key == job_id.encode()
+    assert header(dispatch_record, "traceparent") is not None
+    dispatch = Dispatch.model_validate_json(dispatch_record.value or b"")
     assert dispatch.idempotency_key == idempotency_key(job_id, job.current.attempt_id)
     assert (dispatch.attempt_no, dispatch.provider, dispatch.tenant_id) == (1, provider, TENANT)
-    assert dispatches[0].header("traceparent") is not None
 
     # The timeline: created, routed, dispatched, in seq order, keyed by job_id.
-    events = [JobEvent.model_validate_json(s.value) for s in capture.to(EVENTS)]
-    assert [(e.seq, e.type) for e in events] == [(1, "created"), (2, "routed"), (3, "dispatched")]
-    assert {s.key for s in capture.to(EVENTS)} == {job_id.encode()}
-    assert len(capture.sent) == 4
-
-    # The outbox stays in the state until Kafka acknowledges; a timer is armed for the job.
-    assert {e.entry_id for e in job.outbox} == {"e1", "e2", "e3", f"d-{job_id}-a1"}
-    assert job_id in runtime.wake.due
-    # The table write went to the job table's changelog, keyed by job_id.
-    writes = changelog()
-    assert [(w.topic, w.key) for w in writes] == [
-        (settings.topic("{app_id}-jobs-changelog"), job_id.encode())
+    timeline = driver.pending(EVENTS)
+    assert [(e.seq, e.type) for e in events(timeline)] == [
+        (1, "created"),
+        (2, "routed"),
+        (3, "dispatched"),
     ]
-    assert decode_job(writes[0].value) == job
+    assert {r.key for r in timeline} == {job_id.encode()}
+    # The request goes to the changelog once, now; the row when the transaction flushes.
+    [request] = driver.pending(CHANGELOG)
+    assert (request.key, request.partition) == (key(REQUEST, job_id), number)
+    assert request.value == encode_request(job.request)
+    assert txn.rows == {job_id: job}
+    assert len(txn.records) == 5
+
+    # The effects commit with the step: nothing stays in the outbox; a timer is armed.
+    assert job.outbox == []
+    assert job.current.published_at is not None
+    assert driver.core.parts[number].wake.due == {job_id: job.current.timeout_at}
+    assert job.next_wake() == job.current.timeout_at
+    assert metric(driver, "cp_job_transitions_total", state="DISPATCHED") == 1
 
 
-async def test_a_redelivered_create_changes_nothing_and_resends_the_pending_outbox(
-    capture: Capture, changelog: Callable[[], list[ChangelogWrite]], unique: str
+async def test_a_commit_writes_the_rows_effects_and_input_offsets_in_one_transaction(
+    driver: Driver,
 ) -> None:
-    job_id, create = await create_job(capture, unique)
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
-        stored = agents.jobs.get(job_id)
-        first = [(s.topic, s.key, s.value) for s in capture.sent]
-        changelog()
-        capture.clear()
+    create = await driver.admit("r-1")
+    consumed = driver.redeliver(create)
+    job_id = job_id_for(TENANT, "r-1")
+    number = driver.partition_of(job_id)
+    queued = list(driver.core.txns[number].records)
+    job = driver.job(job_id)
+    assert job is not None
+    # Steps only queue: the partition's producer has not been touched yet.
+    producer = driver.producers[number]
+    assert producer.calls == []
 
-        await jobs.put(create, key=job_id.encode())
+    produced = await driver.commit()
 
-    assert capture.dead == []
-    assert agents.jobs.get(job_id) == stored
-    assert changelog() == []  # no write at all
-    assert sorted((s.topic, s.key, s.value) for s in capture.sent) == sorted(first)
+    assert producer.calls == ["begin"] + ["send"] * 6 + ["offsets", "commit"]
+    assert produced == [*queued, produced[-1]]
+    row = produced[-1]
+    assert (row.topic, row.key, row.partition) == (
+        driver.topic(CHANGELOG),
+        key(ROW, job_id),
+        number,
+    )
+    assert decode_row(row.value or b"", job.request) == job
+    assert near_ms(header_time(row.headers, "wake"), job.next_wake())
+    assert header_time(row.headers, "retire") is None
+    assert producer.offsets == [{TopicPartition(consumed.topic, number): consumed.offset + 1}]
+    txn = driver.core.txns[number]
+    assert not txn.pending and txn.rows == {} and txn.records == []
 
 
-async def test_the_same_request_from_intake_twice_is_one_job(
-    capture: Capture, changelog: Callable[[], list[ChangelogWrite]], unique: str
-) -> None:
-    body = as_bytes(request_body(unique))
-    async with running(agents.intake) as intake:
-        await intake.put(body, key=None)
-        await intake.put(body, key=None)
-    first, second = (s.value for s in capture.to(COMMANDS))
-    job_id = job_id_for(TENANT, unique)
-    capture.clear()
+async def test_a_redelivered_create_changes_nothing(driver: Driver) -> None:
+    create = await driver.admit("r-1")
+    driver.redeliver(create)
+    await driver.commit()
+    job_id = job_id_for(TENANT, "r-1")
+    before = driver.job(job_id)
 
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(first, key=job_id.encode())
-        after_first = stored_job(job_id)
-        await jobs.put(second, key=job_id.encode())
+    record = driver.redeliver(create)
 
-    job = stored_job(job_id)
+    assert driver.pending() == []  # no effect, no changelog write, no dead letter
+    txn = driver.txn(job_id)
+    assert txn.rows == {}
+    assert driver.job(job_id) is before
+    assert txn.offsets == {TopicPartition(record.topic, record.partition): record.offset + 1}
+
+
+async def test_the_same_request_from_intake_twice_is_one_job(driver: Driver) -> None:
+    body = as_bytes(request_body("r-1"))
+    driver.consume(INTAKE, 0, body, body)
+    first, second = driver.sent_to(await driver.commit(), COMMANDS)
+
+    driver.redeliver(first)
+    after_first = driver.job(job_id_for(TENANT, "r-1"))
+    driver.redeliver(second)
+
+    job = driver.job(job_id_for(TENANT, "r-1"))
     assert job is not None and after_first is not None
-    assert capture.dead == []
+    assert driver.dead() == []
     assert job.attempts == after_first.attempts and job.status is JobStatus.DISPATCHED
-    dispatches = [s for s in capture.sent if s.topic.startswith("cp.dispatch.")]
-    # The second create re-sends the still pending dispatch (same attempt), never a new attempt.
-    assert len(dispatches) == 2
-    assert {Dispatch.model_validate_json(s.value).attempt_id for s in dispatches} == {
-        f"{job_id}-a1"
-    }
-    # ... and records the duplicate in the timeline.
+    # One dispatch (the first create's): the second is recorded in the timeline, nothing more.
+    assert len(driver.dispatches()) == 1
     assert job.events[-1].type == "duplicate_ignored"
-    assert JobEvent.model_validate_json(capture.to(EVENTS)[-1].value) == job.events[-1]
+    assert events(driver.pending(EVENTS))[-1] == job.events[-1]
 
 
-async def test_the_same_request_id_with_another_payload_is_a_conflict(
-    capture: Capture, unique: str
-) -> None:
-    job_id, create = await create_job(capture, unique)
-    _, other = await create_job(capture, unique, temperature=1.5)
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
-        before = stored_job(job_id)
-        await jobs.put(other, key=job_id.encode())
+async def test_the_same_request_id_with_another_payload_is_a_conflict(driver: Driver) -> None:
+    before = await driver.create("r-1")
+    other = await driver.admit("r-1", temperature=1.5)
 
-    job = stored_job(job_id)
-    assert job is not None and before is not None
-    assert capture.reasons() == ["conflict"]
+    consumed = driver.redeliver(other)
+
+    [letter] = driver.dead()
+    assert (letter.reason, letter.topic, letter.offset) == (
+        "conflict",
+        driver.topic(COMMANDS),
+        consumed.offset,
+    )
+    job = driver.job(before.job_id)
+    assert job is not None
     assert job.request == before.request and job.attempts == before.attempts
     assert job.events[-1].type == "conflict"
+    assert driver.dispatches() == []
 
 
-async def test_acknowledged_sends_are_marked_published_on_the_next_step(
-    capture: Capture, unique: str
-) -> None:
-    job_id, create = await create_job(capture, unique)
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
-        capture.acknowledge()
-        await settle()
-        assert set(runtime.delivered[job_id]) == {"e1", "e2", "e3", f"d-{job_id}-a1"}
-        capture.clear()
-
-        await jobs.put(create, key=job_id.encode())
-
-    job = stored_job(job_id)
-    assert job is not None
-    assert job.outbox == []
-    assert job.current is not None and job.current.published_at is not None
-    assert capture.sent == [] and capture.dead == []
-    assert job_id not in runtime.delivered
-
-
-async def test_results_complete_a_job_end_to_end(capture: Capture, unique: str) -> None:
-    job_id, create = await create_job(capture, unique)
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
-    job = stored_job(job_id)
-    assert job is not None and job.current is not None
+async def test_results_complete_a_job_end_to_end(driver: Driver) -> None:
+    job = await driver.create(request_id_on(4))
     attempt = job.current
+    assert attempt is not None
     result = provider_result(
-        job_id,
+        job.job_id,
         attempt.attempt_id,
         attempt.provider,
         attempt.model,
         output=Output(text="Hello.", finish_reason="stop"),
         raw_usage={"input_tokens": 10, "output_tokens": 3},
     )
-    capture.clear()
-    async with running(agents.results) as results:
-        await results.put(encode(result), key=None)
-    [record] = capture.to(COMMANDS)
-    capture.clear()
+    driver.result(result, partition=0)  # the provider keyed it elsewhere: re-keyed to partition 4
+    [command] = driver.sent_to(await driver.commit(), COMMANDS)
+    assert command.partition == 4
 
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(record.value, key=record.key)
-        await jobs.put(record.value, key=record.key)  # redelivered: a duplicate command
+    driver.redeliver(command)
 
-    assert capture.dead == []
-    job = stored_job(job_id)
-    assert job is not None
-    assert job.status is JobStatus.COMPLETED
-    assert job.final is not None and job.final.output == Output(text="Hello.", finish_reason="stop")
-    responses = capture.to("cp.responses")
-    assert len(responses) == 2  # published, then re-sent for the duplicate while pending
-    assert {s.key for s in responses} == {job_id.encode()}
-    assert orjson.loads(responses[0].value)["state"] == "COMPLETED"
-    completed = [JobEvent.model_validate_json(s.value) for s in capture.to(EVENTS)]
-    assert "completed" in {e.type for e in completed}
-    assert attempt.provider in runtime.health.providers
+    assert driver.dead() == []
+    done = driver.job(job.job_id)
+    assert done is not None and done.status is JobStatus.COMPLETED
+    assert done.final is not None
+    assert done.final.output == Output(text="Hello.", finish_reason="stop")
+    [response] = driver.pending(RESPONSES)
+    assert response.key == job.job_id.encode()
+    final = FinalResponse.model_validate_json(response.value or b"")
+    assert (final.state, final.output) == ("COMPLETED", done.final.output)
+    assert "completed" in {e.type for e in events(driver.pending(EVENTS))}
+    assert attempt.provider in driver.core.runtime.health.providers
+    # Final: long-polls wake at the commit, no timer is left, retirement is scheduled.
+    part = driver.core.parts[4]
+    assert driver.core.txns[4].finished == [job.job_id]
+    assert job.job_id not in part.wake.due
+    assert part.retire.due == {job.job_id: done.updated_at + driver.core.retention}
+
+    queued = len(driver.pending())
+    driver.redeliver(command)  # redelivered: a duplicate command changes nothing
+    assert len(driver.pending()) == queued
+    assert driver.job(job.job_id) == done
+
+    produced = await driver.commit()
+    [row] = [r for r in produced if r.key == key(ROW, job.job_id)]
+    assert near_ms(header_time(row.headers, "retire"), done.updated_at + driver.core.retention)
+    assert header_time(row.headers, "wake") is None
+    # A finished job is kept encoded, decoded again on each read.
+    assert part.jobs == {} and part.rows == {job.job_id: row.value}
+    assert driver.job(job.job_id) == done
 
 
-async def test_a_result_for_an_unknown_job_is_dead_lettered(
-    capture: Capture, changelog: Callable[[], list[ChangelogWrite]], unique: str
-) -> None:
-    job_id = job_id_for(TENANT, unique)
-    command = RecordResult(
-        command_id="result:ev-x",
-        job_id=job_id,
-        at=datetime.now(UTC),
-        result=provider_result(job_id, f"{job_id}-a1", "sim-fast", "swift-mini-sim"),
+@pytest.mark.parametrize("via", [COMMANDS, RESULTS])
+async def test_a_result_for_an_unknown_job_is_dead_lettered(driver: Driver, via: str) -> None:
+    job_id = job_id_for(TENANT, "r-1")
+    result = provider_result(job_id, f"{job_id}-a1", "sim-fast", "swift-mini-sim")
+    if via == COMMANDS:
+        command = RecordResult(
+            command_id="result:ev-x", job_id=job_id, at=datetime.now(UTC), result=result
+        )
+        record = driver.command(command)
+    else:
+        record = driver.result(result)
+
+    [letter] = driver.dead()
+    assert (letter.reason, letter.topic, letter.offset) == (
+        "unknown_job",
+        driver.topic(via),
+        record.offset,
     )
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(encode(command), key=job_id.encode())
-
-    assert capture.sent == []
-    [(topic, _, record)] = capture.dead
-    assert (topic, record.reason, record.topic) == (DLQ, "unknown_job", COMMANDS)
-    assert job_id in record.detail
-    assert agents.jobs.get(job_id) is None
-    assert changelog() == []
+    assert job_id in letter.detail
+    assert driver.pending() == driver.pending(DLQ)
+    assert driver.job(job_id) is None
+    assert driver.txn(job_id).rows == {}
 
 
-async def test_a_bad_command_is_dead_lettered(capture: Capture) -> None:
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(b"not json", key=b"job_x")
-        await jobs.put(b'{"kind": "bogus", "job_id": "job_x"}', key=b"job_x")
+async def test_a_bad_command_is_dead_lettered(driver: Driver) -> None:
+    driver.consume(COMMANDS, 0, b"not json", b'{"kind": "bogus", "job_id": "job_x"}', key=b"job_x")
 
-    assert capture.sent == []
-    assert capture.reasons() == ["not_json", "schema"]
+    assert driver.pending() == driver.pending(DLQ)
+    assert driver.reasons() == ["not_json", "schema"]
 
 
-async def test_a_corrupted_stored_job_is_dead_lettered(capture: Capture, unique: str) -> None:
-    job_id, create = await create_job(capture, unique)
-    agents.jobs.data[job_id] = b"{broken"  # straight into the store, as a bad changelog would
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
-
-    assert capture.sent == []
-    assert capture.reasons() == ["state_corrupted"]
-
-
-async def test_an_error_inside_a_step_is_dead_lettered_and_the_agent_goes_on(
-    capture: Capture, monkeypatch: pytest.MonkeyPatch, unique: str
+@pytest.mark.parametrize(
+    ("stored_request", "detail"),
+    [
+        pytest.param(True, "stored job cannot be decoded", id="garbage-row"),
+        pytest.param(False, "has a row but no stored request", id="no-request"),
+    ],
+)
+async def test_a_corrupted_stored_row_is_dead_lettered(
+    driver: Driver, stored_request: bool, detail: str
 ) -> None:
-    bad_id, bad = await create_job(capture, unique + "-bad")
-    good_id, good = await create_job(capture, unique + "-good")
+    create = await driver.admit("r-1")
+    command = decode_command(create.value)
+    assert isinstance(command, CreateJob)
+    part = driver.part(command.job_id)
+    part.rows[command.job_id] = b"{broken"  # as a bad changelog record would leave it
+    if stored_request:
+        part.requests[command.job_id] = encode_request(command.request)
+
+    driver.redeliver(create)
+
+    assert driver.pending() == driver.pending(DLQ)
+    [letter] = driver.dead()
+    assert letter.reason == "state_corrupted"
+    assert detail in letter.detail
+    assert part.rows == {command.job_id: b"{broken"}
+    assert driver.txn(command.job_id).rows == {}
+
+
+async def test_an_error_inside_a_step_is_dead_lettered_and_the_core_goes_on(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = await driver.admit(request_id_on(3, prefix="bad"))
+    good = await driver.admit(request_id_on(3, prefix="good"))
+    bad_id = job_id_for(TENANT, request_id_on(3, prefix="bad"))
+    good_id = job_id_for(TENANT, request_id_on(3, prefix="good"))
 
     def exploding_decide(job: Job | None, command: Command, ctx: Any) -> Any:
         if command.job_id == bad_id:
             raise RuntimeError("boom in decide")
         return real_decide(job, command, ctx)
 
-    monkeypatch.setattr(agents, "decide", exploding_decide)
-    async with running(agents.job_agent) as jobs:
-        event = await jobs.put(bad, key=bad_id.encode())
-        await jobs.put(good, key=good_id.encode())
+    monkeypatch.setattr(streams.core, "decide", exploding_decide)
+    records = [driver.record(COMMANDS, 3, r.value, key=r.key) for r in (bad, good)]
+    driver.core._consume(TopicPartition(driver.topic(COMMANDS), 3), records)
 
-    [(topic, key, record)] = capture.dead
-    assert (topic, record.reason, record.topic) == (DLQ, "agent_error", COMMANDS)
-    assert record.offset == event.message.offset
-    assert "boom in decide" in record.detail
-    assert base64.b64decode(record.payload_b64) == bad
-    assert record.key == bad_id
-    assert key == b"cp.commands:0"
-    assert agents.jobs.get(bad_id) is None
-    job = stored_job(good_id)
+    [letter] = driver.dead()
+    assert (letter.reason, letter.topic, letter.partition, letter.offset) == (
+        "agent_error",
+        driver.topic(COMMANDS),
+        3,
+        records[0].offset,
+    )
+    assert "boom in decide" in letter.detail
+    assert base64.b64decode(letter.payload_b64) == bad.value
+    assert letter.key == bad_id
+    assert driver.job(bad_id) is None
+    job = driver.job(good_id)
     assert job is not None and job.status is JobStatus.DISPATCHED
-    assert {s.key for s in capture.sent} == {good_id.encode()}
+    assert {r.key for r in driver.pending() if r.topic != driver.topic(DLQ)} == {
+        good_id.encode(),
+        key(REQUEST, good_id),
+    }
+    assert driver.core.txns[3].offsets == {
+        TopicPartition(driver.topic(COMMANDS), 3): records[1].offset + 1
+    }
 
 
 async def test_a_cancel_from_intake_cancels_the_job_and_tells_the_provider(
-    capture: Capture, unique: str
+    driver: Driver,
 ) -> None:
-    job_id, create = await create_job(capture, unique)
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
-    job = stored_job(job_id)
-    assert job is not None and job.current is not None
+    job = await driver.create("r-1")
+    assert job.current is not None
     provider = job.current.provider
-    capture.clear()
 
-    cancel = {"type": "cancel", "tenant_id": TENANT, "request_id": unique}
-    async with running(agents.intake) as intake:
-        await intake.put(as_bytes(cancel), key=None)
-    [command] = capture.to(COMMANDS)
-    capture.clear()
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(command.value, key=command.key)
+    driver.intake({"type": "cancel", "tenant_id": TENANT, "request_id": "r-1"})
+    [command] = driver.sent_to(await driver.commit(), COMMANDS)
+    driver.redeliver(command)
 
-    assert capture.dead == []
-    job = stored_job(job_id)
-    assert job is not None and job.status is JobStatus.CANCELLED
-    [provider_cancel] = [s for s in capture.sent if s.topic.startswith("cp.dispatch.")]
-    assert provider_cancel.topic == f"cp.dispatch.{provider}"
-    assert orjson.loads(provider_cancel.value)["type"] == "cancel"
-    [response] = capture.to("cp.responses")
-    assert orjson.loads(response.value)["state"] == "CANCELLED"
+    assert driver.dead() == []
+    cancelled = driver.job(job.job_id)
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    [provider_cancel] = driver.dispatches()
+    assert provider_cancel.topic == driver.topic(f"cp.dispatch.{provider}")
+    message = ProviderCancel.model_validate_json(provider_cancel.value or b"")
+    assert message.attempt_id == job.current.attempt_id
+    [response] = driver.pending(RESPONSES)
+    assert FinalResponse.model_validate_json(response.value or b"").state == "CANCELLED"
 
 
-async def test_a_cancel_from_another_tenant_is_an_unknown_job(
-    capture: Capture, unique: str
+async def test_a_cancel_from_another_tenant_is_an_unknown_job(driver: Driver) -> None:
+    job = await driver.create("r-1")
+    cancel = CancelJob(
+        command_id="c-1", job_id=job.job_id, at=datetime.now(UTC), tenant_id="intruder"
+    )
+
+    driver.command(cancel)
+
+    assert driver.reasons() == ["unknown_job"]
+    assert driver.pending() == driver.pending(DLQ)
+    assert driver.job(job.job_id) == job
+
+
+async def test_a_command_on_another_partition_is_rekeyed_to_its_jobs_partition(
+    driver: Driver,
 ) -> None:
-    job_id, create = await create_job(capture, unique)
-    cancel = CancelJob(command_id="c-1", job_id=job_id, at=datetime.now(UTC), tenant_id="intruder")
-    async with running(agents.job_agent) as jobs:
-        await jobs.put(create, key=job_id.encode())
-        capture.clear()
-        await jobs.put(encode(cancel), key=job_id.encode())
+    job_id = job_id_for(TENANT, request_id_on(2))
+    cancel = CancelJob(command_id="c-1", job_id=job_id, at=datetime.now(UTC), tenant_id=TENANT)
+    driver.consume(COMMANDS, 7, encode(cancel), key=b"elsewhere", headers=[("x-h", b"1")])
 
-    assert capture.reasons() == ["unknown_job"]
-    job = stored_job(job_id)
-    assert job is not None and job.status is JobStatus.DISPATCHED
+    assert driver.dead() == []
+    [sent] = driver.core.txns[7].records
+    assert (sent.topic, sent.key, sent.partition) == (driver.topic(COMMANDS), job_id.encode(), 2)
+    assert sent.value == encode(cancel)
+    assert sent.headers == [("x-h", b"1")]
+
+
+async def test_published_marks_of_the_outbox_design_are_ignored(driver: Driver) -> None:
+    job = await driver.create("r-1")
+    mark = MarkPublished(
+        command_id="m-1", job_id=job.job_id, at=datetime.now(UTC), entry_ids=["e1"]
+    )
+
+    record = driver.command(mark)
+
+    assert driver.pending() == []
+    assert driver.job(job.job_id) is job
+    assert driver.txn(job.job_id).offsets == {
+        TopicPartition(record.topic, record.partition): record.offset + 1
+    }
+
+
+async def test_records_of_a_partition_not_held_here_are_left_alone(
+    make_driver: Callable[..., Driver],
+) -> None:
+    driver = make_driver(partitions=[0])
+    request_id = request_id_on(1)
+    driver.consume(INTAKE, 1, as_bytes(request_body(request_id)))
+    driver.consume(COMMANDS, 1, b"not json")
+
+    assert set(driver.core.txns) == {0}
+    assert driver.pending() == [] and driver.core.txns[0].offsets == {}
+    with pytest.raises(CoreNotReady):
+        driver.core.job(job_id_for(TENANT, request_id))
+
+
+async def test_wait_final_returns_when_the_final_step_commits(driver: Driver) -> None:
+    job = await driver.create("r-1")
+    waiter = asyncio.ensure_future(driver.core.wait_final(job.job_id, 5))
+    await asyncio.sleep(0)
+    complete(driver, job)
+    await asyncio.sleep(0)
+    assert not waiter.done()  # decided, not committed yet
+
+    await driver.commit()
+
+    await asyncio.wait_for(waiter, 1)
+    assert job.job_id not in driver.core.waiters
+
+
+# -- timers ---------------------------------------------------------------------------------------
+
+
+async def test_an_attempt_timeout_fails_the_attempt_and_retries_it(driver: Driver) -> None:
+    job = await driver.create("r-1")
+    attempt = job.current
+    assert attempt is not None
+    number = driver.partition_of(job.job_id)
+    driver.consumer.highwaters[number] = 0  # cp.results read to its end
+
+    driver.core._fire_timers(attempt.timeout_at - timedelta(milliseconds=1))
+    assert driver.pending() == []
+
+    driver.core._fire_timers(attempt.timeout_at)
+
+    retrying = driver.job(job.job_id)
+    assert retrying is not None and retrying.status is JobStatus.RETRYING
+    assert retrying.attempts[0].status is AttemptStatus.TIMED_OUT
+    assert retrying.retry_at is not None
+    [drop] = driver.dispatches()
+    assert ProviderCancel.model_validate_json(drop.value or b"").attempt_id == attempt.attempt_id
+    assert driver.part(job.job_id).wake.due == {job.job_id: retrying.retry_at}
+    assert driver.dead() == []
+
+    driver.core._fire_timers(retrying.retry_at)
+
+    again = driver.job(job.job_id)
+    assert again is not None and again.status is JobStatus.DISPATCHED
+    assert [a.attempt_id for a in again.attempts] == [attempt.attempt_id, f"{job.job_id}-a2"]
+
+
+async def test_an_attempt_timeout_waits_for_results_not_read_yet(driver: Driver) -> None:
+    job = await driver.create("r-1")
+    attempt = job.current
+    assert attempt is not None
+    number = driver.partition_of(job.job_id)
+    driver.consumer.highwaters[number] = 5  # answers on cp.results this core has not read
+
+    due = attempt.timeout_at
+    driver.core._fire_timers(due)
+
+    assert driver.pending() == []
+    assert driver.job(job.job_id) == job
+    assert driver.part(job.job_id).wake.due == {job.job_id: due + RESULTS_GATE_RECHECK}
+
+    # Held at most RESULTS_GATE_MAX: then the timeout wins anyway.
+    driver.core._fire_timers(due + RESULTS_GATE_MAX + RESULTS_GATE_RECHECK)
+
+    timed_out = driver.job(job.job_id)
+    assert timed_out is not None and timed_out.status is JobStatus.RETRYING
+    assert job.job_id not in driver.core.gated_since
+
+
+async def test_a_deadline_expires_the_job_even_with_results_not_read_yet(driver: Driver) -> None:
+    job = await driver.create("r-1", deadline_ms=1000)
+    assert job.deadline_at is not None and job.current is not None
+    assert driver.part(job.job_id).wake.due == {job.job_id: job.deadline_at}
+    driver.consumer.highwaters[driver.partition_of(job.job_id)] = 5
+
+    driver.core._fire_timers(job.deadline_at)
+
+    expired = driver.job(job.job_id)
+    assert expired is not None and expired.status is JobStatus.EXPIRED
+    [drop] = driver.dispatches()
+    assert (
+        ProviderCancel.model_validate_json(drop.value or b"").attempt_id == job.current.attempt_id
+    )
+    [response] = driver.pending(RESPONSES)
+    assert FinalResponse.model_validate_json(response.value or b"").state == "EXPIRED"
+    assert driver.txn(job.job_id).finished == [job.job_id]
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+async def retired_job(driver: Driver, request_id: str = "r-1") -> tuple[Job, datetime]:
+    """Create, complete and retire a job, committing each stage; return it and when it retired."""
+    done = complete(driver, await driver.create(request_id))
+    await driver.commit()
+    retire_at = done.updated_at + driver.core.retention
+    driver.core._fire_timers(retire_at)
+    await driver.commit()
+    return done, retire_at
+
+
+async def test_a_finished_job_is_retired_after_its_retention(driver: Driver) -> None:
+    done = complete(driver, await driver.create("r-1"))
+    await driver.commit()
+    job_id = done.job_id
+    number = driver.partition_of(job_id)
+    retire_at = done.updated_at + driver.core.retention
+
+    driver.core._fire_timers(retire_at - timedelta(seconds=1))
+    assert driver.pending() == []
+    assert driver.job(job_id) == done
+
+    driver.core._fire_timers(retire_at)
+
+    purge_at = retire_at + driver.core.idempotency
+    changelog = driver.pending(CHANGELOG)
+    assert driver.pending() == changelog
+    assert [(r.key, r.value, r.partition) for r in changelog[:2]] == [
+        (key(ROW, job_id), None, number),
+        (key(REQUEST, job_id), None, number),
+    ]
+    retired = changelog[2]
+    assert (retired.key, retired.partition) == (key(RETIRED, job_id), number)
+    assert near_ms(header_time(retired.headers, "retire"), purge_at)
+    expected = RetiredJob(
+        job_id=job_id,
+        tenant_id=TENANT,
+        request_id="r-1",
+        fingerprint=done.fingerprint,
+        state="COMPLETED",
+        finished_at=done.final.finished_at if done.final else done.updated_at,
+        retired_at=retire_at,
+    )
+    assert RetiredJob.model_validate_json(retired.value or b"") == expected
+    # Reads: the job is gone from the hot store, its retired record answers instead.
+    assert driver.job(job_id) is None
+    assert driver.core.retired(job_id) == expected
+    part = driver.core.parts[number]
+    assert (part.jobs, part.rows, part.requests) == ({}, {}, {})
+    assert part.purge.due == {job_id: purge_at}
+    assert metric(driver, "cp_jobs_retired_total") == 1
+
+
+async def test_a_retired_record_is_purged_after_the_idempotency_window(driver: Driver) -> None:
+    done, retire_at = await retired_job(driver)
+    purge_at = retire_at + driver.core.idempotency
+
+    driver.core._fire_timers(purge_at - timedelta(seconds=1))
+    assert driver.pending() == []
+
+    driver.core._fire_timers(purge_at)
+
+    [tombstone] = driver.pending()
+    assert (tombstone.topic, tombstone.key, tombstone.value) == (
+        driver.topic(CHANGELOG),
+        key(RETIRED, done.job_id),
+        None,
+    )
+    assert driver.core.retired(done.job_id) is None
+    assert driver.part(done.job_id).purge.due == {}
+
+
+async def test_retiring_a_job_before_its_row_is_flushed_drops_the_row_write(
+    driver: Driver,
+) -> None:
+    done = complete(driver, await driver.create("r-1"))
+    txn = driver.txn(done.job_id)
+    assert txn.rows == {done.job_id: done}
+
+    driver.core._fire_timers(done.updated_at + driver.core.retention)
+
+    assert txn.rows == {}
+    produced = await driver.commit()
+    rows = [r for r in produced if r.key == key(ROW, done.job_id)]
+    assert [r.value for r in rows] == [None]
+
+
+async def test_a_create_for_a_retired_job_with_the_same_payload_creates_nothing(
+    driver: Driver,
+) -> None:
+    done, _ = await retired_job(driver)
+    again = await driver.admit("r-1")
+
+    driver.redeliver(again)
+
+    assert driver.pending() == []
+    assert driver.job(done.job_id) is None
+    retired = driver.core.retired(done.job_id)
+    assert retired is not None and retired.state == "COMPLETED"
+
+
+async def test_a_create_for_a_retired_job_with_another_payload_is_a_conflict(
+    driver: Driver,
+) -> None:
+    done, _ = await retired_job(driver)
+    other = await driver.admit("r-1", temperature=1.5)
+
+    consumed = driver.redeliver(other)
+
+    [letter] = driver.dead()
+    assert (letter.reason, letter.offset) == ("conflict", consumed.offset)
+    assert done.job_id in letter.detail
+    assert driver.pending() == driver.pending(DLQ)
+    assert driver.job(done.job_id) is None
+
+
+# -- restore --------------------------------------------------------------------------------------
+
+
+async def test_apply_changelog_rebuilds_jobs_requests_retired_and_timers(driver: Driver) -> None:
+    live = await driver.create("live")
+    finished = complete(driver, await driver.create("finished"))
+    gone = RetiredJob(
+        job_id=job_id_for(TENANT, "gone"),
+        tenant_id=TENANT,
+        request_id="gone",
+        fingerprint="f" * 64,
+        state="FAILED",
+        finished_at=finished.updated_at,
+        retired_at=finished.updated_at,
+    )
+    retire_at = finished.updated_at + driver.core.retention
+    purge_at = gone.retired_at + driver.core.idempotency
+    part = Partition(3)
+
+    for job, wake, retire in ((live, live.next_wake(), None), (finished, None, retire_at)):
+        part.apply_changelog(key(REQUEST, job.job_id), encode_request(job.request), [])
+        part.apply_changelog(key(ROW, job.job_id), encode_row(job), row_headers(wake, retire))
+    part.apply_changelog(
+        key(RETIRED, gone.job_id), encode_retired(gone), row_headers(None, purge_at)
+    )
+
+    assert (part.restored, len(part)) == (5, 2)
+    assert part.jobs == {}  # rows stay encoded until a step or a read needs them
+    assert part.job(live.job_id) == live
+    assert part.job(finished.job_id) == finished
+    assert set(part.jobs) == {live.job_id}  # live jobs stay decoded, finished ones do not
+    assert isinstance(part.requests[live.job_id], JobRequest)
+    assert set(part.wake.due) == {live.job_id}
+    assert near_ms(part.wake.due[live.job_id], live.next_wake())
+    assert set(part.retire.due) == {finished.job_id}
+    assert near_ms(part.retire.due[finished.job_id], retire_at)
+    assert part.retired_job(gone.job_id) == gone
+    assert near_ms(part.purge.due[gone.job_id], purge_at)
+
+    # Tombstones take each kind out again, timers included.
+    part.apply_changelog(key(ROW, live.job_id), None, [])
+    part.apply_changelog(key(ROW, finished.job_id), None, [])
+    part.apply_changelog(key(REQUEST, live.job_id), None, [])
+    part.apply_changelog(key(RETIRED, gone.job_id), None, [])
+    assert part.job(live.job_id) is None and part.job(finished.job_id) is None
+    assert set(part.requests) == {finished.job_id}
+    assert part.retired_job(gone.job_id) is None
+    assert (part.wake.due, part.retire.due, part.purge.due) == ({}, {}, {})
+    assert part.restored == 9
+
+
+@pytest.mark.parametrize("raw", [b"x:job_1", b"j:", b"job_1"])
+async def test_apply_changelog_refuses_a_key_it_does_not_know(raw: bytes) -> None:
+    with pytest.raises(StateCorrupted):
+        Partition(0).apply_changelog(raw, b"{}", [])
+
+
+async def test_a_partition_restored_from_what_the_core_committed_holds_the_same_state(
+    driver: Driver,
+) -> None:
+    number = 5
+    gone, _ = await retired_job(driver, request_id_on(number, prefix="gone"))
+    live = await driver.create(request_id_on(number, prefix="live"))
+    finished = complete(driver, await driver.create(request_id_on(number, prefix="finished")))
+    await driver.commit()
+    held = driver.core.parts[number]
+
+    restored = Partition(number)
+    for record in driver.committed:
+        if record.topic == driver.topic(CHANGELOG) and record.partition == number:
+            assert record.key is not None
+            restored.apply_changelog(record.key, record.value, record.headers)
+
+    assert len(restored) == len(held) == 2
+    for job in (live, finished):
+        assert restored.job(job.job_id) == held.job(job.job_id)
+    assert restored.job(gone.job_id) is None
+    assert restored.retired_job(gone.job_id) == held.retired_job(gone.job_id)
+    for restored_index, held_index in (
+        (restored.wake, held.wake),
+        (restored.retire, held.retire),
+        (restored.purge, held.purge),
+    ):
+        assert set(restored_index.due) == set(held_index.due)
+        for job_id, when in held_index.due.items():
+            assert near_ms(restored_index.due[job_id], when)
+
+
+# -- known defects of the core (strict xfails: they start failing once the core is fixed) --------
+
+
+async def test_a_step_that_fails_half_way_commits_none_of_its_effects(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create = await driver.admit("r-1")
+
+    def failing_mark(job: Job | None, command: Command, ctx: Any) -> Any:
+        if isinstance(command, MarkPublished):
+            raise RuntimeError("boom after publish")
+        return real_decide(job, command, ctx)
+
+    monkeypatch.setattr(streams.core, "decide", failing_mark)
+    driver.redeliver(create)
+
+    assert driver.reasons() == ["agent_error"]
+    assert driver.job(job_id_for(TENANT, "r-1")) is None
+    assert driver.pending() == driver.pending(DLQ)
+
+
+async def test_a_restored_timer_that_fires_early_is_not_lost(driver: Driver) -> None:
+    request = JobRequest.model_validate(request_body("r-1"))
+    job_id = job_id_for(TENANT, "r-1")
+    at = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)  # not on a millisecond
+    create = CreateJob(
+        command_id="c-1",
+        job_id=job_id,
+        at=at,
+        tenant_id=TENANT,
+        fingerprint=request.fingerprint(),
+        request=request,
+    )
+    driver.command(create)
+    await driver.commit()
+    job = driver.job(job_id)
+    assert job is not None and job.current is not None
+    number = driver.partition_of(job_id)
+    # The partition moves to another worker, which restores it from the changelog.
+    restored = Partition(number)
+    for record in driver.committed:
+        if record.topic == driver.topic(CHANGELOG) and record.key is not None:
+            restored.apply_changelog(record.key, record.value, record.headers)
+    driver.core.parts[number] = restored
+    driver.consumer.highwaters[number] = 0
+    timeout_at = job.current.timeout_at
+    assert restored.wake.due[job_id] >= timeout_at  # rounded up: never before its time
+    # A timer looked at before its time (a rounded or stepped clock) looks again when it is due.
+    restored.wake.set(job_id, timeout_at - timedelta(milliseconds=1))
+    driver.core._fire_timers(timeout_at - timedelta(microseconds=500))
+    driver.core._fire_timers(timeout_at + timedelta(seconds=1))
+
+    timed_out = driver.job(job_id)
+    assert timed_out is not None
+    assert timed_out.status is JobStatus.RETRYING
