@@ -73,7 +73,16 @@ class CoreNotReady(Exception):
 class JobCore:
     """Consume, decide, commit; serve reads of the jobs it holds."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics, url: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        metrics: Metrics,
+        *,
+        url: str,
+        partitions: int,
+        dispatch_topics: dict[str, str],
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.metrics = metrics
@@ -86,8 +95,8 @@ class JobCore:
         self.responses_topic = settings.topic("cp.responses")
         self.dlq_topic = settings.topic("cp.dlq")
         self.changelog_topic = settings.topic("{app_id}-jobs-changelog")
-        self.dispatch_topics: dict[str, str] = {}
-        self.partitions = 0
+        self.dispatch_topics = dispatch_topics
+        self.partitions = partitions
         self.retention = timedelta(seconds=settings.job_retention_s)
         self.idempotency = timedelta(seconds=settings.idempotency_window_s)
         self.commit_interval = settings.commit_interval_ms / 1000
@@ -112,9 +121,7 @@ class JobCore:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self, dispatch_topics: dict[str, str], partitions: int) -> None:
-        self.dispatch_topics = dispatch_topics
-        self.partitions = partitions
+    async def start(self) -> None:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
             group_id=self.group_id,

@@ -31,12 +31,9 @@ class Settings(BaseSettings):
     web_advertised_url: str | None = None
     broker_session_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 3.0
-    rocksdb_block_cache_mb: int = 16
-    rocksdb_write_buffer_mb: int = 4
     timer_interval_s: float = 0.25
     producer_linger_ms: int = 3
     commit_interval_ms: int = 100
-    gc_thresholds: tuple[int, int, int] = (50_000, 50, 100)
     core_max_poll_records: int = 200
     job_retention_s: float = 72 * 3600.0
     idempotency_window_s: float = 7 * 24 * 3600.0

@@ -1,7 +1,8 @@
 """The job store's changelog format: three record kinds per job, keyed `<kind>:<job_id>`.
 
-- `j:<job_id>`: the job's row, the `Job` without its request, rewritten when a step changes it;
-  headers `wake` and `retire` (epoch ms) let a restore rebuild timers without decoding it.
+- `j:<job_id>`: the job's row, the `Job` without its request and without its routing decisions
+  (each is in its `routed` event already), rewritten when a step changes it; headers `wake` and
+  `retire` (epoch ms) let a restore rebuild timers without decoding it.
 - `r:<job_id>`: the canonical request, written once when the job is created.
 - `i:<job_id>`: what idempotency needs of a retired job (tenant, request id, fingerprint, outcome),
   kept for the idempotency window after the row and the request are tombstoned.
@@ -76,7 +77,7 @@ def header_time(headers: Any, name: str) -> datetime | None:
 
 
 def encode_row(job: Job) -> bytes:
-    return job.model_dump_json(exclude={"request"}).encode()
+    return job.model_dump_json(exclude={"request", "decisions"}).encode()
 
 
 def encode_request(request: JobRequest) -> bytes:
@@ -95,6 +96,11 @@ def decode_row(raw: bytes, request: JobRequest) -> Job:
     try:
         data = orjson.loads(raw)
         data["request"] = request
+        data["decisions"] = [
+            event["data"]["decision"]
+            for event in data.get("events", ())
+            if event.get("type") == "routed" and event.get("data", {}).get("decision")
+        ]
         return Job.model_validate(data)
     except (ValidationError, ValueError, TypeError) as exc:
         raise StateCorrupted(f"stored job cannot be decoded: {exc}") from exc

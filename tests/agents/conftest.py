@@ -339,14 +339,19 @@ def make_driver(settings: Settings) -> Callable[..., Driver]:
     def make(partitions: Iterable[int] = range(PARTITIONS)) -> Driver:
         runtime = Runtime.load(settings)
         metrics = Metrics(CollectorRegistry(), circuits=runtime.circuits)
-        core = JobCore(settings, runtime, metrics, url="http://agents.test")
-        core.partitions = PARTITIONS
         topology = load_topology(settings.topics_file)
         assert topology.job_partitions() == PARTITIONS
-        core.dispatch_topics = {
-            provider: settings.topic(spec.name)
-            for provider, spec in topology.dispatch_topics().items()
-        }
+        core = JobCore(
+            settings,
+            runtime,
+            metrics,
+            url="http://agents.test",
+            partitions=PARTITIONS,
+            dispatch_topics={
+                provider: settings.topic(spec.name)
+                for provider, spec in topology.dispatch_topics().items()
+            },
+        )
         consumer = FakeConsumer()
         core.consumer = cast(AIOKafkaConsumer, consumer)
         producers = {n: FakeProducer() for n in partitions}
