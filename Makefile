@@ -43,10 +43,10 @@ run: $(STAMP) kafka-up topics ## Run the whole system: control-plane worker, pro
 demo: $(STAMP) kafka-up topics ## Run the system, submit a few jobs and print their results and timelines
 	@$(PY) -m streams.run --demo
 
-lint: $(STAMP) ## ruff (lint + format check) and mypy on the pure domain core
+lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on every package
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy domain
+	$(VENV)/bin/mypy domain tables streams api providers
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

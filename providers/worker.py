@@ -401,7 +401,7 @@ class ProviderWorker:
         elif isinstance(outcome, Failed):
             fields = {"error": outcome.error, "latency_ms": outcome.latency_ms}
         result = ProviderResult(
-            type=kind,  # type: ignore[arg-type]
+            type=kind,
             event_id=event_id,
             job_id=dispatch.job_id,
             attempt_id=dispatch.attempt_id,

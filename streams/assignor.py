@@ -23,7 +23,7 @@ from aiokafka.coordinator.protocol import (
 VERSION = 0
 
 
-class CopartitionedAssignor(AbstractPartitionAssignor):
+class CopartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     """Assign partition numbers, not topic partitions; sticky; carries the ownership map."""
 
     name = "cp-copartitioned"
@@ -33,11 +33,11 @@ class CopartitionedAssignor(AbstractPartitionAssignor):
         self.held = held
         self.owners: dict[int, str] = {}
 
-    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:  # type: ignore[override]
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
         user_data = orjson.dumps({"url": self.url, "held": sorted(self.held())})
         return ConsumerProtocolMemberMetadata(VERSION, sorted(topics), user_data)
 
-    def assign(  # type: ignore[override]
+    def assign(
         self,
         cluster: ClusterMetadata,
         members: Mapping[str, ConsumerProtocolMemberMetadata],
@@ -68,7 +68,7 @@ class CopartitionedAssignor(AbstractPartitionAssignor):
             )
         return result
 
-    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:  # type: ignore[override]
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         try:
             data = orjson.loads(assignment.user_data or b"{}")
             self.owners = {int(p): str(url) for p, url in data.get("owners", {}).items()}

@@ -50,7 +50,9 @@ from tables.jobs import (
     encode_row,
     key,
     row_headers,
+    split_key,
 )
+from tables.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ TIMERS_PER_TURN = 2000
 
 def partition_for(job_id: str, partitions: int) -> int:
     """The job's partition: murmur2 of its id, as the Java client and aiokafka compute it."""
-    return (murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 class CoreNotReady(Exception):
@@ -256,9 +258,6 @@ class JobCore:
             if not event.is_set() and self.waiters.get(job_id) is event:
                 self.waiters.pop(job_id, None)
 
-    def held(self) -> int:
-        return sum(len(p) for p in self.parts.values())
-
     # -- consuming -------------------------------------------------------------------------------
 
     def _consume(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
@@ -276,13 +275,21 @@ class JobCore:
                 else:
                     self._intake(txn, record)
             except Exception as exc:  # a bug must not lose the record: dead-letter it
-                log.exception("step failed", extra={"event": "core.error", "topic": tp.topic})
+                log.exception(
+                    "agent failed", extra={"event": "agent.error", "agent": self._agent(tp.topic)}
+                )
                 self._dead_letter(
                     txn, record, "agent_error", f"{exc!r}\n{traceback.format_exc(limit=5)}"
                 )
         txn.offsets[tp] = records[-1].offset + 1
         if tp.topic == self.results_topic:
             self.results_read[tp.partition] = records[-1].offset
+
+    def _agent(self, topic: str) -> str:
+        """The stage a topic feeds, as logs and metrics name it."""
+        if topic == self.results_topic:
+            return "results"
+        return "jobs" if topic == self.commands_topic else "intake"
 
     def _intake(self, txn: Transaction, record: ConsumerRecord[Any, Any]) -> None:
         try:
@@ -417,9 +424,9 @@ class JobCore:
         txn.extend(effects)
         if request is not None:
             txn.add(self.changelog_topic, key(REQUEST, new.job_id), request, partition=part.number)
-            part.requests[new.job_id] = new.request
+            part.add_request(new.job_id, new.request, request)
         txn.rows[new.job_id] = new
-        part.put(new)
+        part.keep(new)
         part.wake.set(new.job_id, new.next_wake())
         if new.terminal and (job is None or not job.terminal):
             txn.finished.append(new.job_id)
@@ -549,7 +556,7 @@ class JobCore:
             for job_id in part.purge.pop_due(now, limit=max(budget, 0)):
                 budget -= 1
                 txn.touch()
-                part.retired.pop(job_id, None)
+                part.purge_retired(job_id)
                 txn.add(self.changelog_topic, key(RETIRED, job_id), None, partition=number)
             if budget <= 0:
                 return
@@ -587,11 +594,14 @@ class JobCore:
             return False
         if job.deadline_at is not None and job.deadline_at <= now:
             return False
+        assert self.consumer is not None
+        results = TopicPartition(self.results_topic, number)
+        if results not in self.consumer.assignment():
+            return True  # the partition is moving: whoever gets it decides
         since = self.gated_since.setdefault(job.job_id, now)
         if now - since > RESULTS_GATE_MAX:
             return False
-        assert self.consumer is not None
-        highwater = self.consumer.highwater(TopicPartition(self.results_topic, number))
+        highwater: int | None = self.consumer.highwater(results)
         if highwater is None:
             return True
         return self.results_read.get(number, -1) + 1 < highwater
@@ -608,8 +618,8 @@ class JobCore:
         txn.rows.pop(job_id, None)
         txn.add(self.changelog_topic, key(ROW, job_id), None, partition=number)
         txn.add(self.changelog_topic, key(REQUEST, job_id), None, partition=number)
-        part.forget(job_id)
         if job is None:
+            part.retire_job(job_id, None)
             return
         purge_at = now + self.idempotency
         record = RetiredJob(
@@ -621,14 +631,15 @@ class JobCore:
             finished_at=job.final.finished_at if job.final else job.updated_at,
             retired_at=now,
         )
+        retired = encode_retired(record)
         txn.add(
             self.changelog_topic,
             key(RETIRED, job_id),
-            encode_retired(record),
+            retired,
             row_headers(None, purge_at),
             partition=number,
         )
-        part.retired[job_id] = record
+        part.retire_job(job_id, retired)
         part.purge.set(job_id, purge_at)
         self.metrics.retired.inc()
 
@@ -649,7 +660,7 @@ class JobCore:
                     partition=number,
                 )
                 if part is not None and job.terminal:
-                    part.put(job, row)
+                    part.keep(job, row)
             txn.rows.clear()
         if txn.records:
             records = list(txn.records)
@@ -701,7 +712,9 @@ class JobCore:
             self.consumer._coordinator.request_rejoin()
 
     async def _drop(self, number: int) -> None:
-        self.parts.pop(number, None)
+        part = self.parts.pop(number, None)
+        if part is not None:
+            part.close()
         self.backlog.pop(number, None)
         commit = self.commits.get(number)
         if commit is not None:
@@ -803,7 +816,7 @@ class JobCore:
                 "event": "core.restored",
                 "partitions": numbers,
                 "records": sum(p.restored for p in parts.values()),
-                "jobs": sum(len(p) for p in parts.values()),
+                "jobs": sum(p.held for p in parts.values()),
                 "seconds": round(elapsed, 3),
             },
         )
@@ -822,7 +835,9 @@ class JobCore:
 
 async def restore(settings: Settings, changelog: str, numbers: list[int]) -> dict[int, Partition]:
     """Read the committed changelog of the given partitions into fresh partition states."""
-    parts = {n: Partition(n) for n in numbers}
+    parts = {
+        n: Partition(n, store=open_store(settings.store, settings.data_dir, n)) for n in numbers
+    }
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=None,
@@ -841,20 +856,29 @@ async def restore(settings: Settings, changelog: str, numbers: list[int]) -> dic
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=10000)
             for tp, records in batch.items():
-                part = parts[tp.partition]
-                for record in records:
-                    try:
-                        part.apply_changelog(record.key, record.value, record.headers)
-                    except StateCorrupted:
-                        log.exception(
-                            "unreadable changelog record", extra={"offset": record.offset}
-                        )
+                good = [r for r in records if _changelog_key(r.key)]
+                parts[tp.partition].apply_changelog((r.key, r.value, r.headers) for r in good)
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
+    except BaseException:
+        for part in parts.values():
+            part.close()
+        raise
     finally:
         await consumer.stop()
+    for part in parts.values():
+        part.held = sum(1 for _ in part.store.keys(f"{ROW}:".encode()))
     return parts
+
+
+def _changelog_key(raw: bytes | None) -> bool:
+    try:
+        split_key(raw or b"")
+    except (StateCorrupted, UnicodeDecodeError):
+        log.error("changelog record with a foreign key skipped", extra={"key": repr(raw)[:80]})
+        return False
+    return True
 
 
 def _published(job: Job, command: Command, runtime: Runtime) -> Job:

@@ -28,7 +28,7 @@ TERMINAL_EVENTS = {
 }
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
-disable_created_metrics()  # the *_created series only add noise to every scrape
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise to every scrape
 
 
 class CostCollector(Collector):

@@ -1,12 +1,16 @@
-"""What a worker holds of one job partition: rows, requests, retired jobs and their timers.
+"""What a worker holds of one job partition: live jobs decoded, everything else encoded in a store.
 
-Restored rows stay encoded until a step or a read needs them, so a restore costs one dict insert
-per record and the timers come from record headers; decoded jobs are the live working set.
+Live jobs are the working set and stay decoded in memory. Finished jobs, requests and retired-job
+records stay encoded in the partition's store (RocksDB on local disk by default) until a read or a
+late input needs one. A restore writes changelog records into the store in batches and rebuilds
+the timers from record headers, without decoding a single job.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from domain.job import Job
 from domain.messages import JobRequest
@@ -21,99 +25,111 @@ from tables.jobs import (
     decode_retired,
     decode_row,
     header_time,
+    key,
     split_key,
 )
+from tables.store import MemoryStore, Store
 
 
 @dataclass
 class Partition:
     number: int
+    store: Store = field(default_factory=MemoryStore)
+    #: Live jobs and their requests, decoded.
     jobs: dict[str, Job] = field(default_factory=dict)
-    rows: dict[str, bytes] = field(default_factory=dict)
-    requests: dict[str, bytes | JobRequest] = field(default_factory=dict)
-    retired: dict[str, bytes | RetiredJob] = field(default_factory=dict)
+    requests: dict[str, JobRequest] = field(default_factory=dict)
     #: Deadlines, backoffs and attempt timeouts of live jobs.
     wake: WakeIndex = field(default_factory=WakeIndex)
-    #: When each finished job leaves the hot store; when each retired record is dropped.
+    #: When each finished job leaves the store; when each retired record is dropped.
     retire: WakeIndex = field(default_factory=WakeIndex)
     purge: WakeIndex = field(default_factory=WakeIndex)
-    #: Records restored from the changelog (for the restore figures).
+    #: Changelog records read by the restore, and the jobs they left (rows less tombstones).
     restored: int = 0
-
-    def __len__(self) -> int:
-        return len(self.jobs) + len(self.rows)
+    held: int = 0
 
     def job(self, job_id: str) -> Job | None:
         """Return the job, decoding its stored row on first use (raises StateCorrupted)."""
         job = self.jobs.get(job_id)
         if job is not None:
             return job
-        raw = self.rows.get(job_id)
+        raw = self.store.get(key(ROW, job_id))
         if raw is None:
             return None
         job = decode_row(raw, self.request(job_id))
         if not job.terminal:
             self.jobs[job_id] = job
-            del self.rows[job_id]
+            self.requests[job_id] = job.request
         return job
 
     def request(self, job_id: str) -> JobRequest:
-        stored = self.requests.get(job_id)
-        if isinstance(stored, JobRequest):
-            return stored
-        if stored is None:
+        request = self.requests.get(job_id)
+        if request is not None:
+            return request
+        raw = self.store.get(key(REQUEST, job_id))
+        if raw is None:
             raise StateCorrupted(f"job {job_id} has a row but no stored request")
-        request = decode_request(stored)
-        self.requests[job_id] = request
-        return request
+        return decode_request(raw)
 
     def retired_job(self, job_id: str) -> RetiredJob | None:
-        stored = self.retired.get(job_id)
-        if stored is None or isinstance(stored, RetiredJob):
-            return stored
-        record = decode_retired(stored)
-        self.retired[job_id] = record
-        return record
+        raw = self.store.get(key(RETIRED, job_id))
+        return None if raw is None else decode_retired(raw)
 
-    def put(self, job: Job, row: bytes | None = None) -> None:
+    def add_request(self, job_id: str, request: JobRequest, raw: bytes) -> None:
+        self.requests[job_id] = request
+        self.store.put(key(REQUEST, job_id), raw)
+
+    def keep(self, job: Job, row: bytes | None = None) -> None:
         """Keep a job after a step: live ones decoded, finished ones as their encoded row."""
         if job.terminal and row is not None:
+            self.store.put(key(ROW, job.job_id), row)
             self.jobs.pop(job.job_id, None)
-            self.rows[job.job_id] = row
+            self.requests.pop(job.job_id, None)
         else:
-            self.rows.pop(job.job_id, None)
             self.jobs[job.job_id] = job
 
-    def forget(self, job_id: str) -> None:
+    def retire_job(self, job_id: str, record: bytes | None) -> None:
+        """Drop a finished job's row and request, keeping its retired record if given."""
         self.jobs.pop(job_id, None)
-        self.rows.pop(job_id, None)
         self.requests.pop(job_id, None)
         self.wake.set(job_id, None)
         self.retire.set(job_id, None)
+        self.store.write(
+            [(key(ROW, job_id), None), (key(REQUEST, job_id), None), (key(RETIRED, job_id), record)]
+        )
 
-    def apply_changelog(self, key: bytes, value: bytes | None, headers: object) -> None:
-        """Fold one committed changelog record into the partition (restore)."""
-        kind, job_id = split_key(key)
-        self.restored += 1
-        if kind == ROW:
-            self.jobs.pop(job_id, None)
-            if value is None:
-                self.rows.pop(job_id, None)
-                self.wake.set(job_id, None)
-                self.retire.set(job_id, None)
-                return
-            self.rows[job_id] = value
-            self.wake.set(job_id, header_time(headers, "wake"))
-            self.retire.set(job_id, header_time(headers, "retire"))
-        elif kind == REQUEST:
-            if value is None:
+    def purge_retired(self, job_id: str) -> None:
+        self.store.delete(key(RETIRED, job_id))
+
+    def stored(self, kind: str) -> dict[str, bytes]:
+        """Every stored record of one kind (for tests and tools: it reads the whole store)."""
+        prefix = f"{kind}:".encode()
+        found = {}
+        for raw_key in self.store.keys(prefix):
+            value = self.store.get(raw_key)
+            if value is not None:
+                found[raw_key.decode()[len(prefix) :]] = value
+        return found
+
+    def apply_changelog(self, records: Iterable[tuple[bytes, bytes | None, Any]]) -> None:
+        """Fold committed changelog records (key, value, headers) into the partition (restore)."""
+        puts: list[tuple[bytes, bytes | None]] = []
+        for raw_key, value, headers in records:
+            kind, job_id = split_key(raw_key)
+            self.restored += 1
+            puts.append((raw_key, value))
+            if kind == ROW:
+                self.jobs.pop(job_id, None)
                 self.requests.pop(job_id, None)
-            else:
-                self.requests[job_id] = value
-        elif kind == RETIRED:
-            if value is None:
-                self.retired.pop(job_id, None)
-                self.purge.set(job_id, None)
-            else:
-                self.retired[job_id] = value
-                self.purge.set(job_id, header_time(headers, "retire"))
+                self.held += -1 if value is None else 1
+                wake = header_time(headers, "wake") if value is not None else None
+                retire = header_time(headers, "retire") if value is not None else None
+                self.wake.set(job_id, wake)
+                self.retire.set(job_id, retire)
+            elif kind == RETIRED:
+                self.purge.set(
+                    job_id, header_time(headers, "retire") if value is not None else None
+                )
+        self.store.write(puts)
+
+    def close(self) -> None:
+        self.store.close()

@@ -29,7 +29,7 @@ def valid_traceparent(value: str | None) -> bool:
     if not value:
         return False
     match = _TRACEPARENT.match(value.strip().lower())
-    return bool(match) and match.group(1) != "0" * 32 and match.group(2) != "0" * 16
+    return match is not None and match.group(1) != "0" * 32 and match.group(2) != "0" * 16
 
 
 def new_traceparent() -> str:

@@ -109,9 +109,17 @@ class Transaction:
             self.reset()
 
     def reset(self) -> None:
+        for future in self.futures:
+            # A failed transaction fails its sends too: their errors are the commit's, seen.
+            future.add_done_callback(_retrieve)
         self.records.clear()
         self.rows.clear()
         self.offsets.clear()
         self.finished.clear()
         self.futures.clear()
         self.begun = False
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -138,12 +138,16 @@ class FakeProducer:
 
 @dataclass
 class FakeConsumer:
-    """What the attempt-timeout gate asks of the consumer: cp.results' high-water mark."""
+    """What the attempt-timeout gate asks of the consumer: assignment, cp.results' high water."""
 
     highwaters: dict[int, int | None] = field(default_factory=dict)
+    topic: str = ""
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.highwaters.get(tp.partition)
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(self.topic, p) for p in range(PARTITIONS)}
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -352,7 +356,7 @@ def make_driver(settings: Settings) -> Callable[..., Driver]:
                 for provider, spec in topology.dispatch_topics().items()
             },
         )
-        consumer = FakeConsumer()
+        consumer = FakeConsumer(topic=core.results_topic)
         core.consumer = cast(AIOKafkaConsumer, consumer)
         producers = {n: FakeProducer() for n in partitions}
         for number, producer in producers.items():

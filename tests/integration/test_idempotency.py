@@ -366,8 +366,10 @@ async def test_result_for_an_unknown_job_is_dead_lettered(stack: Stack) -> None:
             what=f"an unknown_job dead letter for {job_id}",
         )
         letter = next(v for v in dlq.values() if _is_letter(v, "unknown_job", job_id))
-    command = orjson.loads(_payload(letter))
-    assert ProviderResult.model_validate(command["result"]) == result
+    payload = orjson.loads(_payload(letter))
+    if letter["topic"] == stack.topic("cp.commands"):
+        payload = payload["result"]  # re-keyed: it landed on another partition than its job's
+    assert ProviderResult.model_validate(payload) == result
     async with TopicReader(stack.bootstrap, stack.topic("cp.responses")) as reader:
         await read_to_end(reader)
         assert not responses_for(reader, job_id)
