@@ -183,11 +183,11 @@ class Jobs(View):
         if forwarded is not None:
             return forwarded
         fingerprint = payload.fingerprint()
-        existing = stored(job_id)
         location = {"Location": f"/jobs/{job_id}"}
-        retired = core.retired(job_id) if existing is None else None
-        if retired is not None:
-            if retired.fingerprint != fingerprint:
+        known = _known(job_id)
+        if known is not None:
+            known_fingerprint, state = known
+            if known_fingerprint != fingerprint:
                 raise Problem(
                     409,
                     "request-conflict",
@@ -196,34 +196,7 @@ class Jobs(View):
                     job_id=job_id,
                 )
             return json_response(
-                accepted_body(job_id, retired.state, created=False), status=202, headers=location
-            )
-        pending = accepted.fingerprint(job_id) if existing is None else None
-        if pending is not None and pending != fingerprint:
-            raise Problem(
-                409,
-                "request-conflict",
-                "Conflicting request",
-                f"request_id {payload.request_id!r} was already accepted with another payload",
-                job_id=job_id,
-            )
-        if pending is not None:
-            return json_response(
-                accepted_body(job_id, "ACCEPTED", created=False), status=202, headers=location
-            )
-        if existing is not None:
-            if existing.fingerprint != fingerprint:
-                raise Problem(
-                    409,
-                    "request-conflict",
-                    "Conflicting request",
-                    f"request_id {payload.request_id!r} was already accepted with another payload",
-                    job_id=job_id,
-                )
-            return json_response(
-                accepted_body(job_id, existing.status.value, created=False),
-                status=202,
-                headers=location,
+                accepted_body(job_id, state, created=False), status=202, headers=location
             )
         parent = from_headers([(k, v.encode()) for k, v in request.headers.items()])
         with span(
@@ -237,6 +210,18 @@ class Jobs(View):
                 trace=trace,
                 location=location,
             )
+
+
+def _known(job_id: str) -> tuple[str, str] | None:
+    """(fingerprint, state) of a job already accepted: stored, retired, or just sent."""
+    existing = stored(job_id)
+    if existing is not None:
+        return existing.fingerprint, existing.status.value
+    retired = core.retired(job_id)
+    if retired is not None:
+        return retired.fingerprint, retired.state
+    pending = accepted.fingerprint(job_id)
+    return (pending, "ACCEPTED") if pending is not None else None
 
 
 async def _submit(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -27,6 +27,7 @@ TABLE_NAME = "jobs"
 ROW, REQUEST, RETIRED = "j", "r", "i"
 
 Headers = list[tuple[str, bytes]]
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class RetiredJob(BaseModel):
@@ -84,11 +85,15 @@ def encode_request(request: JobRequest) -> bytes:
     return request.model_dump_json().encode()
 
 
-def decode_request(raw: bytes) -> JobRequest:
+def _decode(model: type[_M], raw: bytes, what: str) -> _M:
     try:
-        return JobRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except (ValidationError, ValueError) as exc:
-        raise StateCorrupted(f"stored request cannot be decoded: {exc}") from exc
+        raise StateCorrupted(f"stored {what} cannot be decoded: {exc}") from exc
+
+
+def decode_request(raw: bytes) -> JobRequest:
+    return _decode(JobRequest, raw, "request")
 
 
 def decode_row(raw: bytes, request: JobRequest) -> Job:
@@ -111,7 +116,4 @@ def encode_retired(retired: RetiredJob) -> bytes:
 
 
 def decode_retired(raw: bytes) -> RetiredJob:
-    try:
-        return RetiredJob.model_validate_json(raw)
-    except (ValidationError, ValueError) as exc:
-        raise StateCorrupted(f"stored retired job cannot be decoded: {exc}") from exc
+    return _decode(RetiredJob, raw, "retired job")
