@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import traceback
 from collections.abc import Iterable
@@ -59,10 +60,13 @@ log = logging.getLogger(__name__)
 #: How long an attempt timeout waits for answers already on cp.results but not read yet.
 RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
 RESULTS_GATE_MAX = timedelta(seconds=10)
+#: How long a partition's producer gathers records before sending them without a commit.
+TRANSACTION_LINGER_MS = 20
 #: Timer and retention steps per loop turn, so a mass expiry does not stall the loop.
 TIMERS_PER_TURN = 2000
 
 
+@functools.lru_cache(maxsize=65536)
 def partition_for(job_id: str, partitions: int) -> int:
     """The job's partition: murmur2 of its id, as the Java client and aiokafka compute it."""
     return int(murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
@@ -647,8 +651,8 @@ class JobCore:
 
     async def _flush(self, number: int, txn: Transaction) -> None:
         """Hand one partition's queued records to its producer (one row per touched job)."""
+        part = self.parts.get(number)
         if txn.rows:
-            part = self.parts.get(number)
             for job in txn.rows.values():
                 retire = job.updated_at + self.retention if job.terminal else None
                 row = encode_row(job)
@@ -662,6 +666,8 @@ class JobCore:
                 if part is not None and job.terminal:
                     part.keep(job, row)
             txn.rows.clear()
+        if part is not None:
+            part.flush()
         if txn.records:
             records = list(txn.records)
             txn.records.clear()
@@ -827,7 +833,8 @@ class JobCore:
             transactional_id=f"{self.group_id}-{number}",
             enable_idempotence=True,
             acks="all",
-            linger_ms=self.settings.producer_linger_ms,
+            # A commit sends what is queued at once; lingering only gathers bigger batches.
+            linger_ms=TRANSACTION_LINGER_MS,
             max_request_size=2 * 1024 * 1024,
             transaction_timeout_ms=60000,
         )

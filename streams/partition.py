@@ -46,13 +46,25 @@ class Partition:
     #: Changelog records read by the restore, and the jobs they left (rows less tombstones).
     restored: int = 0
     held: int = 0
+    #: Store writes of this turn, written in one batch by `flush` (reads see them at once).
+    unwritten: dict[bytes, bytes | None] = field(default_factory=dict)
+
+    def _get(self, raw_key: bytes) -> bytes | None:
+        if raw_key in self.unwritten:
+            return self.unwritten[raw_key]
+        return self.store.get(raw_key)
+
+    def flush(self) -> None:
+        if self.unwritten:
+            self.store.write(list(self.unwritten.items()))
+            self.unwritten.clear()
 
     def job(self, job_id: str) -> Job | None:
         """Return the job, decoding its stored row on first use (raises StateCorrupted)."""
         job = self.jobs.get(job_id)
         if job is not None:
             return job
-        raw = self.store.get(key(ROW, job_id))
+        raw = self._get(key(ROW, job_id))
         if raw is None:
             return None
         job = decode_row(raw, self.request(job_id))
@@ -65,23 +77,23 @@ class Partition:
         request = self.requests.get(job_id)
         if request is not None:
             return request
-        raw = self.store.get(key(REQUEST, job_id))
+        raw = self._get(key(REQUEST, job_id))
         if raw is None:
             raise StateCorrupted(f"job {job_id} has a row but no stored request")
         return decode_request(raw)
 
     def retired_job(self, job_id: str) -> RetiredJob | None:
-        raw = self.store.get(key(RETIRED, job_id))
+        raw = self._get(key(RETIRED, job_id))
         return None if raw is None else decode_retired(raw)
 
     def add_request(self, job_id: str, request: JobRequest, raw: bytes) -> None:
         self.requests[job_id] = request
-        self.store.put(key(REQUEST, job_id), raw)
+        self.unwritten[key(REQUEST, job_id)] = raw
 
     def keep(self, job: Job, row: bytes | None = None) -> None:
         """Keep a job after a step: live ones decoded, finished ones as their encoded row."""
         if job.terminal and row is not None:
-            self.store.put(key(ROW, job.job_id), row)
+            self.unwritten[key(ROW, job.job_id)] = row
             self.jobs.pop(job.job_id, None)
             self.requests.pop(job.job_id, None)
         else:
@@ -93,15 +105,16 @@ class Partition:
         self.requests.pop(job_id, None)
         self.wake.set(job_id, None)
         self.retire.set(job_id, None)
-        self.store.write(
-            [(key(ROW, job_id), None), (key(REQUEST, job_id), None), (key(RETIRED, job_id), record)]
+        self.unwritten.update(
+            {key(ROW, job_id): None, key(REQUEST, job_id): None, key(RETIRED, job_id): record}
         )
 
     def purge_retired(self, job_id: str) -> None:
-        self.store.delete(key(RETIRED, job_id))
+        self.unwritten[key(RETIRED, job_id)] = None
 
     def stored(self, kind: str) -> dict[str, bytes]:
         """Every stored record of one kind (for tests and tools: it reads the whole store)."""
+        self.flush()
         prefix = f"{kind}:".encode()
         found = {}
         for raw_key in self.store.keys(prefix):
