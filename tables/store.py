@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from rocksdict import Cache, Options, Rdict, WriteBatch
+from rocksdict import Cache, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
 
 class Store(Protocol):
@@ -55,7 +55,7 @@ class MemoryStore:
 class RocksStore:
     """One RocksDB per partition, sized for a small worker, deleted with the partition."""
 
-    def __init__(self, path: Path, *, block_cache_mb: int = 8, write_buffer_mb: int = 8) -> None:
+    def __init__(self, path: Path, *, block_cache_mb: int = 8, write_buffer_mb: int = 16) -> None:
         shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -65,7 +65,14 @@ class RocksStore:
         options.set_max_write_buffer_number(2)
         options.set_max_open_files(64)
         options.set_row_cache(Cache(block_cache_mb * 1024 * 1024))
+        # Fresh writes stay uncompressed (a restore writes fast); compaction compresses the rest.
+        options.set_compression_type(DBCompressionType.none())
+        options.set_bottommost_compression_type(DBCompressionType.lz4())
         self.db = Rdict(str(path), options)
+        # No write-ahead log: the store is a cache of the changelog, rebuilt after any crash.
+        write = WriteOptions()
+        write.disable_wal = True  # type: ignore[method-assign,assignment]  # a property, typed as a method
+        self.db.set_write_options(write)
 
     def get(self, key: bytes) -> bytes | None:
         value = self.db.get(key)
