@@ -198,6 +198,8 @@ class ProviderWorker:
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
+            # A full batch makes the next send wait until it is sent: keep batches roomy.
+            max_batch_size=1024 * 1024,
             max_request_size=2 * 1024 * 1024,
         )
 

@@ -56,6 +56,7 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
         web_graph_enabled=False,
         table_standby_replicas=0,
         producer_max_request_size=2 * 1024 * 1024,
+        producer_max_batch_size=1024 * 1024,
         producer_linger=settings.producer_linger_ms / 1000,
         consumer_auto_offset_reset="earliest",
         logging_config=logging_config(settings),

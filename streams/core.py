@@ -835,6 +835,8 @@ class JobCore:
             acks="all",
             # A commit sends what is queued at once; lingering only gathers bigger batches.
             linger_ms=TRANSACTION_LINGER_MS,
+            # A full batch makes the next send wait for it to be sent: keep batches roomy.
+            max_batch_size=1024 * 1024,
             max_request_size=2 * 1024 * 1024,
             transaction_timeout_ms=60000,
         )
