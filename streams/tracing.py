@@ -68,6 +68,8 @@ def trace_id(trace: TraceContext | None) -> str | None:
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _configured = False
+#: Whether spans are recorded at all (an exporter is configured); if not, `span` costs nothing.
+_recording = False
 
 
 def setup_tracing(service_name: str) -> None:
@@ -76,7 +78,7 @@ def setup_tracing(service_name: str) -> None:
     OTEL_TRACES_EXPORTER=otlp (or OTEL_EXPORTER_OTLP_ENDPOINT set) sends spans over OTLP/HTTP,
     `console` prints them as JSON lines on stdout, anything else (the default) records nothing.
     """
-    global _configured  # noqa: PLW0603 (once per process)
+    global _configured, _recording  # noqa: PLW0603 (once per process)
     if _configured:
         return
     _configured = True
@@ -98,6 +100,7 @@ def setup_tracing(service_name: str) -> None:
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    _recording = True
 
 
 def context_of(parent: TraceContext | None) -> Context:
@@ -131,6 +134,9 @@ def span(
     When no exporter is configured the span is not recorded, and the parent context itself is
     propagated so that the trace id still travels with the job.
     """
+    if not _recording:
+        yield parent or TraceContext()
+        return
     tracer = trace.get_tracer("prompt-gateway")
     attrs = {f"cp.{k}": v for k, v in attributes.items() if v is not None}
     # Exceptions are recorded by type only: their messages may quote input (prompt) values.
