@@ -128,10 +128,12 @@ async def test_paused_worker_writes_nothing_that_counts(
                 await produce(
                     stack.bootstrap, stack.topic("cp.intake"), cancels(tenant, round_no, 100, 7)
                 )
+
+                def third_dispatched(bodies: dict[str, bytes] = bodies) -> bool:
+                    return len(set(bodies) & timelines.jobs_with({"dispatched"})) >= 30
+
                 await timelines.wait(
-                    lambda bodies=bodies: (
-                        len(set(bodies) & timelines.jobs_with({"dispatched"})) >= 30
-                    ),
+                    third_dispatched,
                     timeout=60,
                     what="a third of the burst dispatched",
                 )

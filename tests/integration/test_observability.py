@@ -16,7 +16,7 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -91,7 +91,7 @@ def request(
 async def send(
     bootstrap: str,
     topic: str,
-    records: list[tuple[bytes | None, bytes | None]],
+    records: Sequence[tuple[bytes | None, bytes | None]],
     headers: list[tuple[str, bytes]] | None = None,
 ) -> list[tuple[int, int]]:
     """Produce (key, value) records; return each one's (partition, offset)."""
@@ -454,7 +454,7 @@ async def test_metrics_deltas_match_a_known_batch(obs: Stack) -> None:
     for final in finals.values():
         total = final["cost"]["total"]
         if total is not None:
-            labels = (
+            labels: Labels = (
                 ("currency", total["currency"]),
                 ("model", final["model"]),
                 ("provider", final["provider"]),
@@ -571,15 +571,22 @@ async def test_one_trace_links_every_stage(obs: Stack) -> None:
         "cp.events": lambda values: any(v.get("type") == "completed" for v in values),
         "cp.responses": lambda values: len(values) >= 1,
     }
-    missing = {}
+    missing: dict[str, list[tuple[int, str | None]]] = {}
     for topic, ready in topics.items():
         async with TopicReader(obs.bootstrap, obs.topic(topic)) as reader:
 
             def records(r: TopicReader = reader) -> list[Any]:
                 return [rec for rec in r.records if rec.key == job_id.encode()]
 
+            def job_ready(
+                _: list[Any],
+                check: Callable[[list[Any]], bool] = ready,
+                get: Callable[[], list[Any]] = records,
+            ) -> bool:
+                return check([orjson.loads(r.value) for r in get()])
+
             await reader.until(
-                lambda _, check=ready, get=records: check([orjson.loads(r.value) for r in get()]),
+                job_ready,
                 timeout=30,
                 what=f"records of job {job_id}",
             )

@@ -86,7 +86,7 @@ async def test_200_mixed_jobs_reach_expected_outcomes(stack: Stack) -> None:
             what="a final response for each of 200 jobs",
         )
         finals = {v["request_id"]: v for v in _mine(reader, tenant)}
-    outcomes = Counter()
+    outcomes: Counter[str] = Counter()
     for rid, (_, state, attempts, provider) in expected.items():
         final = finals[rid]
         outcomes[final["state"]] += 1

@@ -111,7 +111,7 @@ class Flow:
         attempt = job.attempt(attempt_id) if attempt_id else job.current
         assert attempt is not None or (attempt_id and provider)
         result = ProviderResult(
-            type=kind,  # type: ignore[arg-type]
+            type=kind,
             event_id=event_id or self.next_id("ev"),
             job_id=job.job_id,
             attempt_id=attempt_id or (attempt.attempt_id if attempt else ""),
@@ -736,7 +736,8 @@ def test_deadline_while_retrying_expires_without_a_provider_cancel() -> None:
     flow.fail("rate_limited", at=secs(1), retry_after="10")
     assert flow.state.status is JobStatus.RETRYING
     decision = flow.tick(secs(2))
-    assert flow.state.status is JobStatus.EXPIRED
+    job = flow.state
+    assert job.status is JobStatus.EXPIRED
     assert entries(decision, "provider_cancel") == []
     assert entries(decision, "dispatch") == []
 

@@ -285,7 +285,7 @@ def _resolve(
             kind="simulated", code=op.code, retry_after=op.retry_after
         )
     result = ProviderResult(
-        type=op.result,  # type: ignore[arg-type]
+        type=op.result,
         event_id=f"ev-{n}" if op.event is None else f"ev-dup-{op.event}",
         job_id=job.job_id,
         attempt_id=attempt_id,
@@ -411,6 +411,7 @@ def _check_step(step: Step, latest: datetime, policy: RoutingPolicy) -> None:
             assert entry.provider == attempt.provider
             assert getattr(message, "attempt_id", None) == attempt.attempt_id
         if isinstance(message, Dispatch):
+            assert attempt is not None
             assert (message.provider, message.model) == (attempt.provider, attempt.model)
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "schemas"
 REGENERATE = "schemas/ is out of date: run `python -m domain.schemas` and commit the result"
 
-EXPECTED_FILES = {
+EXPECTED_FILES: dict[str, type[BaseModel]] = {
     "job_request.v1.json": JobRequest,
     "cancel_request.v1.json": CancelRequest,
     "dispatch.v1.json": Dispatch,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from faust.web import Request, Response, View
 
 from streams.app import create_app
 from streams.settings import Settings
 from streams.topology import load_topology
+
+if TYPE_CHECKING:
+    from faust.tables.manager import TableManager
 
 settings = Settings()
 app = create_app(settings, load_topology(settings.topics_file))
@@ -37,7 +42,7 @@ class CountView(View):
 class ReadyView(View):
     async def get(self, request: Request) -> Response:
         ready = (
-            app.tables.recovery.completed.is_set()
+            cast("TableManager", app.tables).recovery.completed.is_set()
             and not app.rebalancing
             and bool(app.assignor.assigned_actives())
         )
