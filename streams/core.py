@@ -791,6 +791,7 @@ class JobCore:
         assert self.consumer is not None
         started = asyncio.get_running_loop().time()
         producers = {n: self._producer(n) for n in numbers}
+        parts: dict[int, Partition] = {}
         try:
             # InitProducerId bumps each id's epoch: the last holder's open transaction is
             # aborted and its later sends and commits are refused. Only then read the state.
@@ -798,8 +799,10 @@ class JobCore:
             parts = await restore(self.settings, self.changelog_topic, numbers)
             tps = [tp for tp in assigned if tp.partition in parts]
             committed = {tp: await self.consumer.committed(tp) for tp in tps}
-        except BaseException:
+        except BaseException:  # cancelled by a new rebalance, or failed: leave nothing behind
             await asyncio.gather(*(p.stop() for p in producers.values()), return_exceptions=True)
+            for part in parts.values():
+                part.close()
             raise
         async with self.lock:
             for number, producer in producers.items():
