@@ -60,7 +60,6 @@ class Profile:
     own: list[tuple[str, float]] = field(default_factory=list)  # (function, % of samples)
     inclusive: list[tuple[str, float]] = field(default_factory=list)
     profiler_cpu_s: float | None = None
-    note: str = ""
 
 
 def summarise(
@@ -137,6 +136,7 @@ class Profiler:
                     "-o",
                     str(self.out),
                     "--nonblocking",
+                    "--full-filenames",  # shortened here: streams/core.py, not core.py
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -186,10 +186,11 @@ def render(run: Run) -> str:
         for name, values in (("end to end", o.latencies), ("control-plane overhead", o.overheads)):
             for q in (0.5, 0.95, 0.99):
                 out.append(f"| {name} p{round(q * 100)} | {_ms(pct(values, q))} |")
+            out.append(f"| {name} max | {_ms(max(values, default=None))} |")
         out.append("")
 
     if run.rss:
-        out += ["| RSS after the bursts | MiB |", "|---|---:|"]
+        out += ["| RSS | MiB |", "|---|---:|"]
         out += [f"| {name} | {_num(value, 0)} |" for name, value in run.rss.items()]
         out.append("")
 
@@ -202,7 +203,8 @@ def render(run: Run) -> str:
             f"| changelog records read | {r.records:,} |",
             f"| start → /readyz 200 | {_num(r.ready_s, 2, ' s')} |",
             f"| start → final response of a new job | {_num(r.first_job_s, 2, ' s')} |",
-            f"| restore, worker's own figure ({r.lines} lines) | {r.seconds:.2f} s |",
+            f"| restore, from the worker's core.restored lines ({r.lines}, log level "
+            f"{r.log_level}) | {r.seconds:.2f} s |",
             f"| restore per million jobs | {_num(r.s_per_million_jobs, 0, ' s')} |",
             "",
         ]

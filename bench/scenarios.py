@@ -161,6 +161,7 @@ class OpenLoop:
     duplicates: int
     states: dict[str, int]
     latencies: list[float]  # seconds, produce -> final response seen
+    sent_at: list[float]  # seconds after the first produce, one per latency
     overheads: list[float]  # seconds, latency minus the provider's own time
     no_completed: int  # final responses without a `completed` result seen for the job
 
@@ -227,11 +228,13 @@ async def open_loop(
     finally:
         await producer.stop()
     latencies: list[float] = []
+    sent_at: list[float] = []
     overheads: list[float] = []
     no_completed = 0
-    for request_id, seen_at in finals.seen.items():
+    for request_id, seen_at in sorted(finals.seen.items(), key=lambda item: sent[item[0]]):
         latency = seen_at - sent[request_id]
         latencies.append(latency)
+        sent_at.append(sent[request_id] - started)
         final = finals.values[request_id]
         attempts = provider_ms.get(final["job_id"], {})
         winners = [ms for provider, ms in attempts.values() if provider == final["provider"]]
@@ -247,6 +250,7 @@ async def open_loop(
         duplicates=finals.duplicates,
         states=finals.states(),
         latencies=latencies,
+        sent_at=sent_at,
         overheads=overheads,
         no_completed=no_completed,
     )

@@ -111,7 +111,10 @@ def measure(stack: Stack, args: argparse.Namespace, run: Run, tmp: Path) -> None
         clients.ceiling(stack.bootstrap, stack.prefix + "bench.ceiling", records=args.ceiling)
     )
     say("starting the control-plane worker and the provider worker")
+    if args.commit_interval_ms is not None:  # for the control-plane worker only
+        stack.env["CP_COMMIT_INTERVAL_MS"] = str(args.commit_interval_ms)
     stack.start_cp()
+    stack.env.pop("CP_COMMIT_INTERVAL_MS", None)
     stack.start_providers()
     assert stack.cp is not None and stack.cp.process is not None
     assert stack.providers is not None and stack.providers.process is not None
@@ -153,9 +156,9 @@ def measure(stack: Stack, args: argparse.Namespace, run: Run, tmp: Path) -> None
     run.big = big
     say(f"  {big.seen}/{big.jobs} in {big.seconds:.1f} s: {big.rate:.1f} jobs/s")
     run.rss = {
-        "control-plane worker": rss_mib(stack.cp.process.pid),
-        "provider worker": rss_mib(stack.providers.process.pid),
-        "broker": rss_mib(broker_pid(stack.bootstrap)),
+        "control-plane worker, after the bursts": rss_mib(stack.cp.process.pid),
+        "provider worker, after the bursts": rss_mib(stack.providers.process.pid),
+        "broker, after the bursts": rss_mib(broker_pid(stack.bootstrap)),
     }
 
     if args.open_loop_s > 0 and small.rate > 0:
@@ -169,7 +172,7 @@ def measure(stack: Stack, args: argparse.Namespace, run: Run, tmp: Path) -> None
     run.hold = args.hold
     say("cold restart of the control-plane worker")
     run.restore = restart(stack, stack.cp)
-    run.rss["control-plane worker after the restore"] = rss_mib(stack.cp.process.pid)
+    run.rss["control-plane worker, after the restore"] = rss_mib(stack.cp.process.pid)
     say("done")
 
 
@@ -188,7 +191,9 @@ def main() -> None:
     args = parser.parse_args()
 
     began = time.monotonic()
-    interval = args.commit_interval_ms or Settings().commit_interval_ms
+    interval = args.commit_interval_ms
+    if interval is None:
+        interval = Settings().commit_interval_ms  # CP_COMMIT_INTERVAL_MS, which workers inherit
     run = Run(
         header=Header(
             at=datetime.now(UTC),
@@ -203,8 +208,6 @@ def main() -> None:
     with kafka_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         stack = new_stack(bootstrap, "b" + uuid.uuid4().hex[:8], "bench", Path(tmp))
         stack.env["CP_LOG_LEVEL"] = "WARNING"
-        if args.commit_interval_ms:
-            stack.env["CP_COMMIT_INTERVAL_MS"] = str(args.commit_interval_ms)
         try:
             measure(stack, args, run, Path(tmp))
         finally:
