@@ -52,6 +52,9 @@ from streams.tracing import setup_tracing, span, to_headers
 
 log = logging.getLogger("providers.worker")
 
+#: How often offsets commit while dispatches keep coming (at-least-once either way).
+COMMIT_EVERY_S = 0.1
+
 
 class OffsetTracker:
     """Commit each partition only up to its oldest record still being worked on."""
@@ -189,6 +192,9 @@ class ProviderWorker:
             auto_offset_reset="earliest",
             # Dispatches commit in the job core's transactions: a fenced worker's never do.
             isolation_level="read_committed",
+            # Dispatches become readable when the job core commits: do not let the broker hold
+            # an empty fetch for long (its default 500 ms is all latency here).
+            fetch_max_wait_ms=10,
             session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
             heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
             max_poll_records=200,
@@ -219,13 +225,19 @@ class ProviderWorker:
     async def run(self) -> None:
         await self.start()
         try:
+            loop = asyncio.get_running_loop()
+            committed_at = loop.time()
             while not self.stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200)
                 for tp, records in batches.items():
                     for record in records:
                         self.tracker.start(tp, record.offset)
                         await self.handle(tp, record)
-                await self.commit()
+                # An offset commit is a round trip the next poll would wait for: under load,
+                # commit every COMMIT_EVERY_S; when idle, at once.
+                if not batches or loop.time() - committed_at >= COMMIT_EVERY_S:
+                    await self.commit()
+                    committed_at = loop.time()
         finally:
             await self.shutdown()
 

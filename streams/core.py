@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 #: How long an attempt timeout waits for answers already on cp.results but not read yet.
 RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
 RESULTS_GATE_MAX = timedelta(seconds=10)
+#: How long the broker may hold a fetch with nothing new: transactional records become readable
+#: when their transaction commits, and a long-held fetch would sit on them (measured in bench/).
+FETCH_MAX_WAIT_MS = 10
 #: How long a partition's producer gathers records before sending them without a commit.
 TRANSACTION_LINGER_MS = 20
 #: Timer and retention steps per loop turn, so a mass expiry does not stall the loop.
@@ -107,14 +110,18 @@ class JobCore:
         self.idempotency = timedelta(seconds=settings.idempotency_window_s)
         self.commit_interval = settings.commit_interval_ms / 1000
         self.parts: dict[int, Partition] = {}
+        #: Per partition: the open transaction that takes new records, and its twin, which
+        #: commits meanwhile. Two transactional ids per partition, used in turn: a commit takes
+        #: ~1 ms, but reusing an id right after its commit waits ~20 ms for the markers
+        #: (CONCURRENT_TRANSACTIONS); with two, the next step never waits for the last commit.
         self.txns: dict[int, Transaction] = {}
+        self.twins: dict[int, Transaction] = {}
         self.assigned: set[int] = set()
         self.generation = -1
         #: Last offset of cp.results applied per partition (the attempt-timeout gate).
         self.results_read: dict[int, int] = {}
         self.gated_since: dict[str, datetime] = {}
         self.waiters: dict[str, asyncio.Event] = {}
-        self.backlog: dict[int, list[tuple[TopicPartition, list[ConsumerRecord[Any, Any]]]]] = {}
         self.commits: dict[int, asyncio.Task[None]] = {}
         self.failed: set[int] = set()
         self.assignor = CopartitionedAssignor(url, lambda: sorted(self.parts))
@@ -138,6 +145,7 @@ class JobCore:
             heartbeat_interval_ms=int(self.settings.broker_heartbeat_interval_s * 1000),
             max_poll_records=self.settings.core_max_poll_records,
             partition_assignment_strategy=(self.assignor,),
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         await self.consumer.start()
         self.consumer.subscribe(
@@ -163,10 +171,9 @@ class JobCore:
     async def _run(self) -> None:
         """Poll, apply, flush; commit each partition on its own, without stopping the others.
 
-        A partition whose transaction is committing keeps its new records in a backlog until the
-        commit returns (nothing may join a transaction being committed); the other partitions go
-        on. A partition commits when its transaction is older than the commit interval, or at
-        once when the poll brought it nothing new (low load: lowest latency).
+        Records go to the partition's open transaction while its twin commits the previous
+        ones (`_start_commit`). A partition commits when its transaction is older than the commit
+        interval, or at once when the poll brought it nothing new (low load: lowest latency).
         """
         assert self.consumer is not None
         idle_ms = int(self.settings.timer_interval_s * 1000)
@@ -187,34 +194,24 @@ class JobCore:
                 await self._turn(batch)
 
     def _ready_work(self) -> bool:
-        return any(
-            number not in self.commits and (self.backlog.get(number) or txn.pending)
-            for number, txn in self.txns.items()
-        )
+        return any(number not in self.commits and txn.pending for number, txn in self.txns.items())
 
     async def _turn(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         for number in list(self.failed):
             self.failed.discard(number)
             await self._fail(number)
         for tp, records in batch.items():
-            if tp.partition in self.parts and records:
-                self.backlog.setdefault(tp.partition, []).append((tp, records))
+            self._consume(tp, records)
         now = datetime.now(UTC)
         fresh = {tp.partition for tp, records in batch.items() if records}
-        for number, queued in list(self.backlog.items()):
-            if number in self.commits:
-                continue
-            del self.backlog[number]
-            for tp, records in queued:
-                self._consume(tp, records)
         self._fire_timers(now)
         loop_time = asyncio.get_running_loop().time()
         for number, txn in list(self.txns.items()):
-            if number in self.commits:
-                continue
             await self._flush(number, txn)
-            if txn.pending and (
-                number not in fresh or loop_time - txn.opened_at >= self.commit_interval
+            if (
+                txn.pending
+                and number not in self.commits
+                and (number not in fresh or loop_time - txn.opened_at >= self.commit_interval)
             ):
                 self._start_commit(number, txn)
 
@@ -547,7 +544,7 @@ class JobCore:
         budget = TIMERS_PER_TURN
         for number, part in self.parts.items():
             txn = self.txns.get(number)
-            if txn is None or number in self.commits:
+            if txn is None:
                 continue
             for job_id in part.wake.pop_due(now, limit=budget):
                 budget -= 1
@@ -678,18 +675,25 @@ class JobCore:
                 self.failed.add(number)
 
     def _start_commit(self, number: int, txn: Transaction) -> None:
+        """Commit `txn` in the background; new records go to its twin meanwhile.
+
+        At most one commit per partition is in flight, and the twin commits only after it, so
+        the partition's transactions commit in the order their records were applied.
+        """
         task = asyncio.ensure_future(self._commit(number, txn))
         self.commits[number] = task
         task.add_done_callback(lambda _: self.commits.pop(number, None))
+        self.txns[number], self.twins[number] = self.twins[number], txn
 
     async def _commit_all(self) -> None:
         """Commit every partition now and wait (rebalance and stop)."""
-        for number, txn in list(self.txns.items()):
-            if number not in self.commits:
+        while True:
+            for number, txn in list(self.txns.items()):
                 await self._flush(number, txn)
-                if txn.pending:
+                if txn.pending and number not in self.commits:
                     self._start_commit(number, txn)
-        if self.commits:
+            if not self.commits:
+                break
             await asyncio.gather(*self.commits.values(), return_exceptions=True)
         for number in list(self.failed):
             self.failed.discard(number)
@@ -721,21 +725,20 @@ class JobCore:
         part = self.parts.pop(number, None)
         if part is not None:
             part.close()
-        self.backlog.pop(number, None)
         commit = self.commits.get(number)
         if commit is not None:
             await asyncio.gather(commit, return_exceptions=True)
-        txn = self.txns.pop(number, None)
-        if txn is None:
-            return
-        try:
-            await txn.abort()
-        except Exception:  # noqa: BLE001 (fenced or broker gone: the epoch bump aborts it)
-            log.info("abort failed", extra={"partition": number})
-        try:
-            await txn.producer.stop()
-        except Exception:  # noqa: BLE001
-            log.info("producer stop failed", extra={"partition": number})
+        for txn in (self.txns.pop(number, None), self.twins.pop(number, None)):
+            if txn is None:
+                continue
+            try:
+                await txn.abort()
+            except Exception:  # noqa: BLE001 (fenced or broker gone: the epoch bump aborts it)
+                log.info("abort failed", extra={"partition": number})
+            try:
+                await txn.producer.stop()
+            except Exception:  # noqa: BLE001
+                log.info("producer stop failed", extra={"partition": number})
 
     # -- rebalance -------------------------------------------------------------------------------
 
@@ -790,7 +793,7 @@ class JobCore:
         """Fence each partition's earlier writers, then rebuild it from its committed changelog."""
         assert self.consumer is not None
         started = asyncio.get_running_loop().time()
-        producers = {n: self._producer(n) for n in numbers}
+        producers = {(n, twin): self._producer(n, twin) for n in numbers for twin in (0, 1)}
         parts: dict[int, Partition] = {}
         try:
             # InitProducerId bumps each id's epoch: the last holder's open transaction is
@@ -805,8 +808,8 @@ class JobCore:
                 part.close()
             raise
         async with self.lock:
-            for number, producer in producers.items():
-                self.txns[number] = Transaction(number, producer)
+            for (number, twin), producer in producers.items():
+                (self.twins if twin else self.txns)[number] = Transaction(number, producer)
             self.parts.update(parts)
             for tp, offset in committed.items():
                 if offset is not None:
@@ -830,10 +833,10 @@ class JobCore:
             },
         )
 
-    def _producer(self, number: int) -> AIOKafkaProducer:
+    def _producer(self, number: int, twin: int) -> AIOKafkaProducer:
         return AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            transactional_id=f"{self.group_id}-{number}",
+            transactional_id=f"{self.group_id}-{number}" + ("-b" if twin else ""),
             enable_idempotence=True,
             acks="all",
             # A commit sends what is queued at once; lingering only gathers bigger batches.

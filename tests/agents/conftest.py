@@ -361,7 +361,9 @@ def make_driver(settings: Settings) -> Callable[..., Driver]:
         producers = {n: FakeProducer() for n in partitions}
         for number, producer in producers.items():
             core.parts[number] = Partition(number)
+            # The twin shares the fake producer: what a partition sends is recorded in one place.
             core.txns[number] = Transaction(number, cast(AIOKafkaProducer, producer))
+            core.twins[number] = Transaction(number, cast(AIOKafkaProducer, producer))
         core.assigned = set(producers)
         return Driver(core, producers, consumer)
 
