@@ -208,10 +208,8 @@ class JobCore:
         loop_time = asyncio.get_running_loop().time()
         for number, txn in list(self.txns.items()):
             await self._flush(number, txn)
-            if (
-                txn.pending
-                and number not in self.commits
-                and (number not in fresh or loop_time - txn.opened_at >= self.commit_interval)
+            if self._may_commit(number, txn) and (
+                number not in fresh or loop_time - txn.opened_at >= self.commit_interval
             ):
                 self._start_commit(number, txn)
 
@@ -685,24 +683,30 @@ class JobCore:
         task.add_done_callback(lambda _: self.commits.pop(number, None))
         self.txns[number], self.twins[number] = self.twins[number], txn
 
+    def _may_commit(self, number: int, txn: Transaction) -> bool:
+        """A pending transaction commits after its twin's commit, and never after a failed one:
+        its steps were applied on top of what that one held."""
+        return txn.pending and number not in self.commits and number not in self.failed
+
     async def _commit_all(self) -> None:
         """Commit every partition now and wait (rebalance and stop)."""
         while True:
+            for number in list(self.failed):
+                self.failed.discard(number)
+                await self._fail(number)
             for number, txn in list(self.txns.items()):
                 await self._flush(number, txn)
-                if txn.pending and number not in self.commits:
+                if self._may_commit(number, txn):
                     self._start_commit(number, txn)
             if not self.commits:
                 break
             await asyncio.gather(*self.commits.values(), return_exceptions=True)
-        for number in list(self.failed):
-            self.failed.discard(number)
-            await self._fail(number)
 
     async def _commit(self, number: int, txn: Transaction) -> None:
         finished = list(txn.finished)
+        offsets = dict(txn.offsets)
         try:
-            await txn.commit(self.group_id)
+            await txn.commit(self.changelog_topic)
         except Exception as exc:  # noqa: BLE001 (fenced, timed out, broker gone: all the same here)
             log.warning(
                 "transaction failed: the partition is rebuilt from its changelog",
@@ -710,6 +714,9 @@ class JobCore:
             )
             self.failed.add(number)
             return
+        part = self.parts.get(number)
+        if part is not None:
+            part.offsets.update({tp.topic: offset for tp, offset in offsets.items()})
         for job_id in finished:
             waiter = self.waiters.pop(job_id, None)
             if waiter is not None:
@@ -763,6 +770,12 @@ class JobCore:
             for number in sorted(set(self.txns) - numbers if continuous else set(self.txns)):
                 await self._drop(number)
             self.assigned = numbers
+            # Positions live with the state (o:<topic> changelog records), not in the group:
+            # a partition kept from the last generation resumes where its last commit left it.
+            for tp in assigned:
+                kept = self.parts.get(tp.partition)
+                if kept is not None:
+                    await self._seek(tp, kept.offsets.get(tp.topic))
             load = sorted(numbers - set(self.parts))
             if load:
                 self.consumer.pause(*[tp for tp in assigned if tp.partition in load])
@@ -801,7 +814,7 @@ class JobCore:
             await asyncio.gather(*(p.start() for p in producers.values()))
             parts = await restore(self.settings, self.changelog_topic, numbers)
             tps = [tp for tp in assigned if tp.partition in parts]
-            committed = {tp: await self.consumer.committed(tp) for tp in tps}
+            committed = {tp: parts[tp.partition].offsets.get(tp.topic) for tp in tps}
         except BaseException:  # cancelled by a new rebalance, or failed: leave nothing behind
             await asyncio.gather(*(p.stop() for p in producers.values()), return_exceptions=True)
             for part in parts.values():
@@ -812,10 +825,7 @@ class JobCore:
                 (self.twins if twin else self.txns)[number] = Transaction(number, producer)
             self.parts.update(parts)
             for tp, offset in committed.items():
-                if offset is not None:
-                    self.consumer.seek(tp, offset)
-                else:
-                    await self.consumer.seek_to_beginning(tp)
+                await self._seek(tp, offset)
                 if tp.topic == self.results_topic:
                     self.results_read[tp.partition] = (offset or 0) - 1
             self.consumer.resume(*tps)
@@ -832,6 +842,13 @@ class JobCore:
                 "seconds": round(elapsed, 3),
             },
         )
+
+    async def _seek(self, tp: TopicPartition, offset: int | None) -> None:
+        assert self.consumer is not None
+        if offset is not None:
+            self.consumer.seek(tp, offset)
+        else:
+            await self.consumer.seek_to_beginning(tp)
 
     def _producer(self, number: int, twin: int) -> AIOKafkaProducer:
         return AIOKafkaProducer(

@@ -17,6 +17,7 @@ from domain.messages import JobRequest
 from streams.runtime import WakeIndex
 from tables.exceptions import StateCorrupted
 from tables.jobs import (
+    OFFSET,
     REQUEST,
     RETIRED,
     ROW,
@@ -46,6 +47,8 @@ class Partition:
     #: Changelog records read by the restore, and the jobs they left (rows less tombstones).
     restored: int = 0
     held: int = 0
+    #: Where each input topic's partition resumes, as the restored changelog says.
+    offsets: dict[str, int] = field(default_factory=dict)
     #: Store writes of this turn, written in one batch by `flush` (reads see them at once).
     unwritten: dict[bytes, bytes | None] = field(default_factory=dict)
 
@@ -129,6 +132,10 @@ class Partition:
         for raw_key, value, headers in records:
             kind, job_id = split_key(raw_key)
             self.restored += 1
+            if kind == OFFSET:
+                if value is not None:
+                    self.offsets[job_id] = int(value)
+                continue
             puts.append((raw_key, value))
             if kind == ROW:
                 self.jobs.pop(job_id, None)

@@ -17,6 +17,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from domain.job import Job
+from tables.jobs import OFFSET, key
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,21 @@ class Transaction:
             )
             self.futures.append(future)
 
-    async def commit(self, group_id: str) -> None:
-        """Send what is queued, the input offsets, and commit; raises when the commit fails."""
+    async def commit(self, changelog: str) -> None:
+        """Send what is queued and the input offsets, and commit; raises when the commit fails.
+
+        The offsets go to the partition's changelog (`o:<topic>`), not to the consumer group:
+        two round trips fewer per commit than `send_offsets_to_transaction`, and the position
+        is restored with the state it belongs to.
+        """
         if not self.pending:
             return
-        if not self.begun:
-            await self.producer.begin_transaction()
-            self.begun = True
-        if self.offsets:
-            await self.producer.send_offsets_to_transaction(self.offsets, group_id)
+        offsets = [
+            Record(changelog, key(OFFSET, tp.topic), str(offset).encode(), [], self.partition)
+            for tp, offset in self.offsets.items()
+        ]
+        await self.send([*self.records, *offsets])
+        self.records.clear()
         await self.producer.commit_transaction()
         for future in self.futures:
             future.result()  # surfaces a failed send (the commit would have failed too)

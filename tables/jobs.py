@@ -6,6 +6,9 @@
 - `r:<job_id>`: the canonical request, written once when the job is created.
 - `i:<job_id>`: what idempotency needs of a retired job (tenant, request id, fingerprint, outcome),
   kept for the idempotency window after the row and the request are tombstoned.
+- `o:<topic>`: the next offset to read of that input topic's partition with the same number,
+  written with every commit: the state and the position it was computed up to are one record
+  set, and a restore knows where to resume without the consumer group's committed offsets.
 
 Every record is written to the changelog partition whose number is the job's partition.
 """
@@ -24,7 +27,7 @@ from domain.messages import JobRequest
 from tables.exceptions import StateCorrupted
 
 TABLE_NAME = "jobs"
-ROW, REQUEST, RETIRED = "j", "r", "i"
+ROW, REQUEST, RETIRED, OFFSET = "j", "r", "i", "o"
 
 Headers = list[tuple[str, bytes]]
 _M = TypeVar("_M", bound=BaseModel)
@@ -51,8 +54,8 @@ def key(kind: str, job_id: str) -> bytes:
 def split_key(raw: bytes) -> tuple[str, str]:
     """Return (kind, job_id) of a changelog key."""
     kind, _, job_id = raw.decode().partition(":")
-    if kind not in (ROW, REQUEST, RETIRED) or not job_id:
-        raise StateCorrupted(f"changelog key {raw[:80]!r} is not <j|r|i>:<job_id>")
+    if kind not in (ROW, REQUEST, RETIRED, OFFSET) or not job_id:
+        raise StateCorrupted(f"changelog key {raw[:80]!r} is not <j|r|i>:<job_id> or o:<topic>")
     return kind, job_id
 
 

@@ -101,7 +101,6 @@ class FakeProducer:
 
     calls: list[str] = field(default_factory=list)
     sent: list[Record] = field(default_factory=list)
-    offsets: list[dict[TopicPartition, int]] = field(default_factory=list)
 
     async def begin_transaction(self) -> None:
         self.calls.append("begin")
@@ -116,18 +115,19 @@ class FakeProducer:
     ) -> asyncio.Future[None]:
         self.calls.append("send")
         self.sent.append(Record(topic, key, value, list(headers or []), partition))
+        await asyncio.sleep(0)  # a real send may yield to other tasks: let them run here
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future
 
-    async def send_offsets_to_transaction(
-        self, offsets: dict[TopicPartition, int], group_id: str
-    ) -> None:
-        self.calls.append("offsets")
-        self.offsets.append(dict(offsets))
+    #: How many of the next commits fail (as a broker error or a fence would make them).
+    fail_commits: int = 0
 
     async def commit_transaction(self) -> None:
         self.calls.append("commit")
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise RuntimeError("commit refused")
 
     async def abort_transaction(self) -> None:
         self.calls.append("abort")
@@ -142,9 +142,17 @@ class FakeConsumer:
 
     highwaters: dict[int, int | None] = field(default_factory=dict)
     topic: str = ""
+    rejoins: int = 0
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.highwaters.get(tp.partition)
+
+    @property
+    def _coordinator(self) -> FakeConsumer:
+        return self
+
+    def request_rejoin(self) -> None:
+        self.rejoins += 1
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(self.topic, p) for p in range(PARTITIONS)}

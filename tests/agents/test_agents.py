@@ -32,6 +32,7 @@ from streams.tracing import trace_id, valid_traceparent
 from streams.txn import Record
 from tables.exceptions import StateCorrupted
 from tables.jobs import (
+    OFFSET,
     REQUEST,
     RETIRED,
     ROW,
@@ -384,9 +385,9 @@ async def test_a_commit_writes_the_rows_effects_and_input_offsets_in_one_transac
 
     produced = await driver.commit()
 
-    assert producer.calls == ["begin"] + ["send"] * 6 + ["offsets", "commit"]
-    assert produced == [*queued, produced[-1]]
-    row = produced[-1]
+    assert producer.calls == ["begin"] + ["send"] * 7 + ["commit"]
+    *effects, row, offset = produced
+    assert effects == queued
     assert (row.topic, row.key, row.partition) == (
         driver.topic(CHANGELOG),
         key(ROW, job_id),
@@ -395,7 +396,13 @@ async def test_a_commit_writes_the_rows_effects_and_input_offsets_in_one_transac
     assert decode_row(row.value or b"", job.request) == job
     assert near_ms(header_time(row.headers, "wake"), job.next_wake())
     assert header_time(row.headers, "retire") is None
-    assert producer.offsets == [{TopicPartition(consumed.topic, number): consumed.offset + 1}]
+    # The input offset commits in the same transaction, on the partition's changelog.
+    assert (offset.topic, offset.key, offset.value, offset.partition) == (
+        driver.topic(CHANGELOG),
+        key(OFFSET, consumed.topic),
+        str(consumed.offset + 1).encode(),
+        number,
+    )
     txn = driver.core.txns[number]
     assert not txn.pending and txn.rows == {} and txn.records == []
 
@@ -1027,3 +1034,38 @@ async def test_a_restored_timer_that_fires_early_is_not_lost(driver: Driver) -> 
     timed_out = driver.job(job_id)
     assert timed_out is not None
     assert timed_out.status is JobStatus.RETRYING
+
+
+def job_on(partition: int) -> str:
+    return job_id_for(TENANT, request_id_on(partition, prefix="other"))
+
+
+async def test_a_transaction_never_commits_after_its_twin_failed(driver: Driver) -> None:
+    create = await driver.admit("r-1")
+    job_id = job_id_for(TENANT, "r-1")
+    number = driver.partition_of(job_id)
+    core = driver.core
+    producer = driver.producers[number]
+    producer.fail_commits = 1
+    driver.redeliver(create)  # the job is created in the open transaction
+    first = core.txns[number]
+    await core._flush(number, first)
+    core._start_commit(number, first)  # ... which commits while its twin takes new steps
+    assert core.txns[number] is not first
+    cancel = CancelJob(command_id="c-1", job_id=job_id, at=datetime.now(UTC), tenant_id=TENANT)
+    driver.command(cancel)
+    assert core.txns[number].pending
+    # Another partition flushes first in the next turn: the failed commit ends meanwhile.
+    other = next(n for n in sorted(core.txns) if n != number)
+    driver.command(
+        CancelJob(command_id="c-2", job_id=job_on(other), at=datetime.now(UTC), tenant_id=TENANT)
+    )
+
+    await core._turn({})
+    await driver.commit()
+
+    # The cancel was applied on top of a creation that never committed: it must not commit
+    # either. The partition is dropped and rebuilt from what did commit.
+    assert producer.calls.count("commit") == 1
+    assert number not in core.parts and number not in core.txns
+    assert driver.consumer.rejoins == 1
