@@ -46,7 +46,7 @@ demo: $(STAMP) kafka-up topics ## Run the system, submit a few jobs and print th
 lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on every package
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy domain tables streams api providers tests
+	$(VENV)/bin/mypy domain tables streams api providers bench tests
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

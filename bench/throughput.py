@@ -181,7 +181,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=3000, help="200 B burst size (3000)")
-    parser.add_argument("--big-jobs", type=int, default=600, help="20 KB burst size (600)")
+    parser.add_argument("--big-jobs", type=int, default=1500, help="20 KB burst size (1500)")
     parser.add_argument("--open-loop-s", type=float, default=20.0, help="open loop seconds (20)")
     parser.add_argument("--hold", type=int, default=0, help="extra jobs before the restart (0)")
     parser.add_argument("--ceiling", type=int, default=50_000, help="records of the raw round trip")
