@@ -172,8 +172,9 @@ class JobCore:
         """Poll, apply, flush; commit each partition on its own, without stopping the others.
 
         Records go to the partition's open transaction while its twin commits the previous
-        ones (`_start_commit`). A partition commits when its transaction is older than the commit
-        interval, or at once when the poll brought it nothing new (low load: lowest latency).
+        ones (`_start_commit`); they are sent once that commit has ended (`_flush`). A
+        partition commits when its transaction is older than the commit interval, or at once
+        when the poll brought it nothing new (low load: lowest latency).
         """
         assert self.consumer is not None
         idle_ms = int(self.settings.timer_interval_s * 1000)
@@ -645,7 +646,7 @@ class JobCore:
     # -- transactions ----------------------------------------------------------------------------
 
     async def _flush(self, number: int, txn: Transaction) -> None:
-        """Hand one partition's queued records to its producer (one row per touched job)."""
+        """Queue one row per touched job; hand the queue to the producer unless the twin commits."""
         part = self.parts.get(number)
         if txn.rows:
             for job in txn.rows.values():
@@ -663,7 +664,12 @@ class JobCore:
             txn.rows.clear()
         if part is not None:
             part.flush()
-        if txn.records:
+        # While the twin commits, hold the records back: the twin's producer may not have
+        # appended its batches yet (it waits out CONCURRENT_TRANSACTIONS on the partitions it
+        # adds), and a record appended before them would put the changelog, the timeline and
+        # the responses out of the order the steps were applied in. A restore replays the
+        # changelog in log order: an older row landing after a newer one would revive a job.
+        if txn.records and number not in self.commits:
             records = list(txn.records)
             txn.records.clear()
             try:

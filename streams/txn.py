@@ -1,10 +1,12 @@
 """One Kafka transaction per job partition: the fence and the atomic step.
 
-Each partition number has its own transactional producer (`<group>-<partition>`). Starting one
-bumps the id's epoch at the broker, which aborts what an earlier holder left open and refuses its
-later sends and commits: a worker that lost the partition while paused can no longer write. The
-state records (changelog), the step's effects (dispatch, events, final response, dead letters)
-and the input offsets commit together, or none of them do.
+Each partition number has two transactional producers (`<group>-<partition>` and `...-b`), used
+in turn: one commits while the other collects the next steps, and sends them only once that
+commit has ended, so records reach the log in the order the steps were applied. Starting a
+producer bumps its id's epoch at the broker, which aborts what an earlier holder left open and
+refuses its later sends and commits: a worker that lost the partition while paused can no
+longer write. The state records (changelog), the step's effects (dispatch, events, final
+response, dead letters) and the input offsets commit together, or none of them do.
 """
 
 from __future__ import annotations

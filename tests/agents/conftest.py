@@ -123,8 +123,13 @@ class FakeProducer:
     #: How many of the next commits fail (as a broker error or a fence would make them).
     fail_commits: int = 0
 
+    #: When set, a commit waits for it (a commit the broker has not answered yet).
+    hold_commits: asyncio.Event | None = None
+
     async def commit_transaction(self) -> None:
         self.calls.append("commit")
+        if self.hold_commits is not None:
+            await self.hold_commits.wait()
         if self.fail_commits:
             self.fail_commits -= 1
             raise RuntimeError("commit refused")

@@ -1069,3 +1069,50 @@ async def test_a_transaction_never_commits_after_its_twin_failed(driver: Driver)
     assert producer.calls.count("commit") == 1
     assert number not in core.parts and number not in core.txns
     assert driver.consumer.rejoins == 1
+
+
+async def test_a_twin_sends_nothing_until_the_commit_ahead_of_it_ended(driver: Driver) -> None:
+    """The changelog keeps the order the steps were applied in, across the twin producers.
+
+    Seen on a real broker: a producer whose batch waited (CONCURRENT_TRANSACTIONS on the
+    partitions it added) let its twin's newer row land first; a restore replayed the older row
+    last, revived a completed job and it completed a second time.
+    """
+    job = await driver.create("r-1")
+    number = driver.partition_of(job.job_id)
+    core = driver.core
+    producer = driver.producers[number]
+    release = asyncio.Event()
+    producer.hold_commits = release
+    attempt = job.current
+    assert attempt is not None
+    driver.result(
+        provider_result(
+            job.job_id, attempt.attempt_id, attempt.provider, attempt.model, type="started"
+        )
+    )
+    first = core.txns[number]
+    await core._flush(number, first)
+    core._start_commit(number, first)
+    for _ in range(100):  # the commit is under way and the broker has not answered
+        if producer.calls[-1] == "commit":
+            break
+        await asyncio.sleep(0)
+    assert producer.calls[-1] == "commit"
+    calls = len(producer.calls)
+    started = driver.job(job.job_id)
+    assert started is not None
+    complete(driver, started)  # the next step goes to the twin ...
+    await core._turn({})
+    assert producer.calls[calls:] == []  # ... which holds it back while the commit is open
+    assert core.txns[number].records
+
+    release.set()
+    await driver.commit()
+    rows = [
+        decode_row(r.value or b"", job.request)
+        for r in producer.sent
+        if r.topic == driver.topic(CHANGELOG) and r.key == key(ROW, job.job_id)
+    ]
+    assert [row.status for row in rows][-2:] == [JobStatus.STARTED, JobStatus.COMPLETED]
+    assert producer.calls[calls] == "begin"  # the twin began only after the commit ended
