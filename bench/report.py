@@ -179,7 +179,7 @@ def render(run: Run) -> str:
         out += [
             f"| open loop, 200 B, {o.jobs} jobs | value |",
             "|---|---:|",
-            f"| target rate (½ burst rate) | {o.target_rate:,.1f} jobs/s |",
+            f"| target rate | {o.target_rate:,.1f} jobs/s |",
             f"| achieved produce rate | {o.achieved_rate:,.1f} jobs/s |",
             f"| final responses seen | {o.seen} ({_states(o.states)}) |",
         ]

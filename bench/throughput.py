@@ -161,8 +161,8 @@ def measure(stack: Stack, args: argparse.Namespace, run: Run, tmp: Path) -> None
         "broker, after the bursts": rss_mib(broker_pid(stack.bootstrap)),
     }
 
-    if args.open_loop_s > 0 and small.rate > 0:
-        rate = small.rate / 2
+    if args.open_loop_s > 0 and (small.rate > 0 or args.open_loop_rate):
+        rate = args.open_loop_rate or small.rate / 2
         say(f"open loop at {rate:.1f} jobs/s for {args.open_loop_s:.0f} s")
         run.open_loop = asyncio.run(open_loop(stack, rate=rate, seconds=args.open_loop_s))
 
@@ -183,6 +183,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3000, help="200 B burst size (3000)")
     parser.add_argument("--big-jobs", type=int, default=1500, help="20 KB burst size (1500)")
     parser.add_argument("--open-loop-s", type=float, default=20.0, help="open loop seconds (20)")
+    parser.add_argument(
+        "--open-loop-rate", type=float, help="open loop jobs/s (half the 200 B burst rate)"
+    )
     parser.add_argument("--hold", type=int, default=0, help="extra jobs before the restart (0)")
     parser.add_argument("--ceiling", type=int, default=50_000, help="records of the raw round trip")
     parser.add_argument("--commit-interval-ms", type=int, help="CP_COMMIT_INTERVAL_MS of the cp")
