@@ -30,6 +30,7 @@ class Run:
     open_loop: OpenLoop | None = None
     rss: dict[str, float | None] = field(default_factory=dict)
     hold: int = 0
+    held: Burst | None = None
     restore: Restore | None = None
     profile: Profile | None = None
     profile_note: str = ""
@@ -68,10 +69,25 @@ def _per_job(volume: Volume | None, jobs: int) -> tuple[str, str]:
     return f"{volume.records / jobs:.2f}", f"{volume.bytes / jobs:,.0f}"
 
 
+def _held_rows(held: Burst | None) -> list[str]:
+    """What the held jobs wrote, per job: a burst past the providers' pace multiplies it."""
+    if held is None or not held.jobs:
+        return []
+    rows = []
+    for topic, label in (("cp.events", "events"), ("{app_id}-jobs-changelog", "changelog")):
+        volume = held.volumes.get(topic)
+        if volume is not None:
+            rows.append(
+                f"| held jobs: {label} records / KB per job | {volume.records / held.jobs:.1f} / "
+                f"{volume.bytes / held.jobs / 1000:.1f} |"
+            )
+    return rows
+
+
 def checks(run: Run) -> list[str]:
     """What looks wrong in the control plane, from the figures themselves."""
     found: list[str] = []
-    for b in (run.small, run.big):
+    for b in (run.small, run.big, run.held):
         if b is None:
             continue
         if b.seen < b.jobs:
@@ -201,6 +217,7 @@ def render(run: Run) -> str:
             "|---|---:|",
             f"| jobs held (core.restored) | {r.jobs:,} |",
             f"| changelog records read | {r.records:,} |",
+            *_held_rows(run.held),
             f"| start → /readyz 200 | {_num(r.ready_s, 2, ' s')} |",
             f"| start → final response of a new job | {_num(r.first_job_s, 2, ' s')} |",
             f"| restore, from the worker's core.restored lines ({r.lines}, log level "

@@ -168,7 +168,11 @@ def measure(stack: Stack, args: argparse.Namespace, run: Run, tmp: Path) -> None
 
     if args.hold > 0:
         say(f"holding {args.hold} more jobs")
-        asyncio.run(burst(stack, label="hold", jobs=args.hold, prompt_bytes=200))
+        held = asyncio.run(
+            burst(stack, label="hold", jobs=args.hold, prompt_bytes=200, counted=list(real))
+        )
+        held.volumes = {real[topic]: volume for topic, volume in held.volumes.items()}
+        run.held = held
     run.hold = args.hold
     say("cold restart of the control-plane worker")
     run.restore = restart(stack, stack.cp)
