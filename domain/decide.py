@@ -156,6 +156,11 @@ class _Step:
             status=AttemptStatus.DISPATCHED,
             dispatched_at=self.at,
             timeout_at=self.at + timeout,
+            start_by=(
+                self.at + timedelta(milliseconds=policy.start_timeout_ms)
+                if policy.start_timeout_ms
+                else None
+            ),
         )
         self.update(attempts=[*self.job.attempts, attempt], retry_at=None, retry_target=None)
         self.transition(JobStatus.DISPATCHED)
@@ -442,6 +447,11 @@ def _mark_published(job: Job, command: MarkPublished) -> Decision:
             update={
                 "published_at": command.at,
                 "timeout_at": max(a.timeout_at, command.at + (a.timeout_at - a.dispatched_at)),
+                "start_by": (
+                    None
+                    if a.start_by is None
+                    else max(a.start_by, command.at + (a.start_by - a.dispatched_at))
+                ),
             }
         )
         if a.attempt_id in sent and a.status.live and a.published_at is None
@@ -497,7 +507,17 @@ def _result(step: _Step, result: ProviderResult) -> str:
             step.ignored("duplicate_ignored", attempt_id=attempt.attempt_id, result="started")
             return "duplicate_result"
         step.replace_attempt(
-            attempt.model_copy(update={"status": AttemptStatus.STARTED, "started_at": step.at})
+            attempt.model_copy(
+                update={
+                    "status": AttemptStatus.STARTED,
+                    "started_at": step.at,
+                    # The provider's time to answer counts from when it started the call.
+                    "timeout_at": max(
+                        attempt.timeout_at,
+                        step.at + timedelta(milliseconds=step.ctx.policy.attempt_timeout_ms),
+                    ),
+                }
+            )
         )
         if job.status is JobStatus.DISPATCHED:
             step.transition(JobStatus.STARTED)
@@ -596,12 +616,16 @@ def _tick(step: _Step) -> str:
             return "noop"
         step.dispatch(target, reason="retry")
         return "retry_dispatched"
-    if current is not None and current.status.live and at >= current.timeout_at:
+    if current is not None and current.status.live and at >= current.expires_at:
         step.tell_provider_to_drop(current, "attempt timed out")
-        timeout_ms = step.ctx.policy.attempt_timeout_ms
-        error = canonical_error(
-            ErrorCode.TIMEOUT, f"no answer from {current.provider} within {timeout_ms} ms"
-        )
+        policy = step.ctx.policy
+        if current.status is AttemptStatus.DISPATCHED and current.start_by is not None:
+            message = (
+                f"{current.provider} did not start the attempt within {policy.start_timeout_ms} ms"
+            )
+        else:
+            message = f"no answer from {current.provider} within {policy.attempt_timeout_ms} ms"
+        error = canonical_error(ErrorCode.TIMEOUT, message)
         latency = int((at - current.dispatched_at).total_seconds() * 1000)
         _attempt_failed(step, current, error, AttemptStatus.TIMED_OUT, latency)
         return "attempt_timed_out"

@@ -45,6 +45,15 @@ class Attempt(_Frozen):
     error: CanonicalError | None = None
     latency_ms: int | None = None
     result_event_ids: list[str] = Field(default_factory=list)
+    #: When a dispatched attempt that has not started times out (policy `start_timeout_ms`).
+    start_by: datetime | None = None
+
+    @property
+    def expires_at(self) -> datetime:
+        """When this attempt times out if no answer comes: its start timeout until it starts."""
+        if self.status is AttemptStatus.DISPATCHED and self.start_by is not None:
+            return self.start_by
+        return self.timeout_at
 
     @property
     def target(self) -> Target:
@@ -116,5 +125,5 @@ class Job(_Frozen):
         times = [t for t in (self.deadline_at, self.retry_at) if t is not None]
         current = self.current
         if current is not None and current.status.live:
-            times.append(current.timeout_at)
+            times.append(current.expires_at)
         return min(times) if times else None

@@ -117,7 +117,11 @@ class RoutingPolicy(_Frozen):
     retry: RetryPolicy
     error_actions: dict[ErrorCode, ErrorAction] = Field(default_factory=dict)
     default_max_output_tokens: int = Field(ge=1, le=1_000_000)
+    #: How long a provider has to answer an attempt, counted from its `started` result.
     attempt_timeout_ms: int = Field(gt=0)
+    #: How long a dispatched attempt may wait to be started (queued behind its provider's
+    #: backlog); unset: the attempt timeout, counted from the dispatch.
+    start_timeout_ms: int | None = Field(default=None, gt=0)
     circuit: CircuitPolicy
 
     @field_validator("weights")

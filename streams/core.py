@@ -590,7 +590,7 @@ class JobCore:
         timeout must not win a race the provider won. Deadlines and backoffs are never held.
         """
         current = job.current
-        if current is None or not current.status.live or current.timeout_at > now:
+        if current is None or not current.status.live or current.expires_at > now:
             return False
         if job.deadline_at is not None and job.deadline_at <= now:
             return False

@@ -364,8 +364,8 @@ async def test_create_job_stores_a_dispatched_job_and_queues_its_dispatch_and_ev
     # The effects commit with the step: nothing stays in the outbox; a timer is armed.
     assert job.outbox == []
     assert job.current.published_at is not None
-    assert driver.core.parts[number].wake.due == {job_id: job.current.timeout_at}
-    assert job.next_wake() == job.current.timeout_at
+    assert driver.core.parts[number].wake.due == {job_id: job.current.expires_at}
+    assert job.next_wake() == job.current.expires_at
     assert metric(driver, "cp_job_transitions_total", state="DISPATCHED") == 1
 
 
@@ -710,10 +710,10 @@ async def test_an_attempt_timeout_fails_the_attempt_and_retries_it(driver: Drive
     number = driver.partition_of(job.job_id)
     driver.consumer.highwaters[number] = 0  # cp.results read to its end
 
-    driver.core._fire_timers(attempt.timeout_at - timedelta(milliseconds=1))
+    driver.core._fire_timers(attempt.expires_at - timedelta(milliseconds=1))
     assert driver.pending() == []
 
-    driver.core._fire_timers(attempt.timeout_at)
+    driver.core._fire_timers(attempt.expires_at)
 
     retrying = driver.job(job.job_id)
     assert retrying is not None and retrying.status is JobStatus.RETRYING
@@ -738,7 +738,7 @@ async def test_an_attempt_timeout_waits_for_results_not_read_yet(driver: Driver)
     number = driver.partition_of(job.job_id)
     driver.consumer.highwaters[number] = 5  # answers on cp.results this core has not read
 
-    due = attempt.timeout_at
+    due = attempt.expires_at
     driver.core._fire_timers(due)
 
     assert driver.pending() == []
@@ -1024,7 +1024,7 @@ async def test_a_restored_timer_that_fires_early_is_not_lost(driver: Driver) -> 
             restored.apply_changelog([(record.key, record.value, record.headers)])
     driver.core.parts[number] = restored
     driver.consumer.highwaters[number] = 0
-    timeout_at = job.current.timeout_at
+    timeout_at = job.current.expires_at
     assert restored.wake.due[job_id] >= timeout_at  # rounded up: never before its time
     # A timer looked at before its time (a rounded or stepped clock) looks again when it is due.
     restored.wake.set(job_id, timeout_at - timedelta(milliseconds=1))

@@ -38,6 +38,8 @@ CTX = Context(catalogue=CATALOGUE, policy=POLICY)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TENANT = "tenant-a"
 TIMEOUT = timedelta(milliseconds=POLICY.attempt_timeout_ms)
+assert POLICY.start_timeout_ms is not None
+START_TIMEOUT = timedelta(milliseconds=POLICY.start_timeout_ms)
 TERMINAL_EVENTS = {"completed", "failed", "cancelled", "expired"}
 
 
@@ -246,7 +248,8 @@ def test_create_routes_and_dispatches_one_attempt() -> None:
     assert attempt.attempt_no == attempt.provider_attempt_no == 1
     assert attempt.status is AttemptStatus.DISPATCHED
     assert attempt.timeout_at == T0 + TIMEOUT
-    assert job.next_wake() == T0 + TIMEOUT
+    assert attempt.start_by == T0 + START_TIMEOUT
+    assert job.next_wake() == T0 + START_TIMEOUT  # until the provider starts it
 
     (entry,) = entries(decision, "dispatch")
     assert entry.entry_id == f"d-{attempt.attempt_id}"
@@ -674,7 +677,10 @@ def test_result_for_an_unknown_job_is_dead_lettered() -> None:
 
 def test_attempt_timeout_cancels_at_the_provider_and_retries() -> None:
     flow = created_flow()
+    flow.started(at=secs(5))
     first = flow.state.attempts[0]
+    assert first.timeout_at == secs(5) + TIMEOUT  # the answer is due counted from the start
+    assert flow.state.next_wake() == first.timeout_at
     assert flow.tick(first.timeout_at - timedelta(milliseconds=1)).outcome == "noop"
     decision = flow.tick(first.timeout_at)
     job = flow.state
@@ -683,8 +689,9 @@ def test_attempt_timeout_cancels_at_the_provider_and_retries() -> None:
     assert timed_out.status is AttemptStatus.TIMED_OUT
     assert timed_out.error is not None
     assert timed_out.error.code is ErrorCode.TIMEOUT
+    assert timed_out.error.message.startswith(f"no answer from {first.provider} within")
     assert timed_out.finished_at == first.timeout_at
-    assert timed_out.latency_ms == POLICY.attempt_timeout_ms
+    assert timed_out.latency_ms == POLICY.attempt_timeout_ms + 5000
     (cancel,) = entries(decision, "provider_cancel")
     assert cancel.provider == first.provider
     assert cancel.entry_id == f"c-{first.attempt_id}"
@@ -695,15 +702,43 @@ def test_attempt_timeout_cancels_at_the_provider_and_retries() -> None:
     assert event_types(job)[-2:] == ["attempt_failed", "retried"]
 
 
+def test_an_attempt_queued_past_its_start_timeout_times_out_and_retries() -> None:
+    """Waiting behind the provider's backlog is not the provider failing to answer: an attempt
+    not started has the (longer) start timeout, then it is retried like any timeout."""
+    flow = created_flow()
+    first = flow.state.attempts[0]
+    assert first.start_by is not None
+    assert flow.tick(T0 + TIMEOUT).outcome == "noop"  # queued for longer than the answer time
+    assert flow.tick(first.start_by - timedelta(milliseconds=1)).outcome == "noop"
+    decision = flow.tick(first.start_by)
+    assert decision.outcome == "attempt_timed_out"
+    timed_out = flow.state.attempts[0]
+    assert timed_out.status is AttemptStatus.TIMED_OUT
+    assert timed_out.error is not None and timed_out.error.code is ErrorCode.TIMEOUT
+    assert timed_out.error.message == (
+        f"{first.provider} did not start the attempt within {POLICY.start_timeout_ms} ms"
+    )
+    assert flow.state.status is JobStatus.RETRYING
+
+
+def test_without_a_start_timeout_an_attempt_times_out_from_its_dispatch() -> None:
+    policy = POLICY.model_copy(update={"start_timeout_ms": None})
+    flow = Flow(Context(catalogue=CATALOGUE, policy=policy))
+    flow.create()
+    first = flow.state.attempts[0]
+    assert first.start_by is None and first.expires_at == T0 + TIMEOUT
+    assert flow.tick(T0 + TIMEOUT).outcome == "attempt_timed_out"
+
+
 def test_second_timeout_on_a_provider_falls_back() -> None:
     flow = created_flow()
     first = flow.state.attempts[0]
     next_target = flow.state.plan[0]
-    flow.tick(first.timeout_at)
+    flow.tick(first.expires_at)
     assert flow.state.retry_at is not None
     flow.tick(flow.state.retry_at)
     second = flow.state.attempts[1]
-    decision = flow.tick(second.timeout_at)
+    decision = flow.tick(second.expires_at)
     job = flow.state
     assert job.attempts[1].status is AttemptStatus.TIMED_OUT
     assert len(entries(decision, "provider_cancel")) == 1

@@ -535,7 +535,7 @@ def test_failing_every_attempt_ends_failed_within_the_budget(
             now = max(now, job.retry_at)
             command = Tick(command_id=f"t{n}", job_id=job.job_id, at=now)
         elif by_timeout:
-            now = max(now, current.timeout_at)
+            now = max(now, current.expires_at)
             command = Tick(command_id=f"t{n}", job_id=job.job_id, at=now)
         else:
             now += timedelta(milliseconds=250)

@@ -27,7 +27,7 @@ def _retry(**overrides: object) -> RetryPolicy:
 def test_shipped_policy_loads() -> None:
     policy = load_policy(CONFIG / "policy.yaml")
     assert policy == _policy()
-    assert policy.version == "2026-11-26.1"
+    assert policy.version == "2026-12-03.1"
     assert set(policy.weights) == {"balanced", "cost", "latency", "reliability"}
     r = policy.retry
     assert (r.max_attempts_per_job, r.max_attempts_per_provider) == (4, 2)

@@ -80,7 +80,7 @@ def test_plain_request_has_at_least_two_eligible_targets() -> None:
     assert len({c.provider for c in decision.candidates}) >= 2
     assert decision.chosen is not None
     assert decision.fallback_plan
-    assert decision.policy_version == "2026-11-26.1"
+    assert decision.policy_version == "2026-12-03.1"
     assert decision.catalogue_version == "2026-11-26.1"
     assert decision.prompt_tokens_estimate == 3
 
