@@ -1,7 +1,8 @@
 """The job store's changelog format: three record kinds per job, keyed `<kind>:<job_id>`.
 
-- `j:<job_id>`: the job's row, the `Job` without its request and without its routing decisions
-  (each is in its `routed` event already), rewritten when a step changes it; headers `wake` and
+- `j:<job_id>`: the job's row, the `Job` without its request, without its routing decisions
+  (each is in its `routed` event already) and without the job id, tenant and schema version each
+  event would repeat, rewritten when a step changes it; headers `wake` and
   `retire` (epoch ms) let a restore rebuild timers without decoding it.
 - `r:<job_id>`: the canonical request, written once when the job is created.
 - `i:<job_id>`: what idempotency needs of a retired job (tenant, request id, fingerprint, outcome),
@@ -80,8 +81,17 @@ def header_time(headers: Any, name: str) -> datetime | None:
     return None
 
 
+#: Left out of a stored row: the request (its own record), the routing decisions (in their
+#: `routed` events) and what every event repeats of the job (restored from the row).
+_ROW_EXCLUDE: Any = {
+    "request": True,
+    "decisions": True,
+    "events": {"__all__": {"schema_version", "job_id", "tenant_id"}},
+}
+
+
 def encode_row(job: Job) -> bytes:
-    return job.model_dump_json(exclude={"request", "decisions"}).encode()
+    return job.model_dump_json(exclude=_ROW_EXCLUDE).encode()
 
 
 def encode_request(request: JobRequest) -> bytes:
@@ -104,6 +114,9 @@ def decode_row(raw: bytes, request: JobRequest) -> Job:
     try:
         data = orjson.loads(raw)
         data["request"] = request
+        for event in data.get("events", ()):
+            event.setdefault("job_id", data.get("job_id"))
+            event.setdefault("tenant_id", data.get("tenant_id"))
         data["decisions"] = [
             event["data"]["decision"]
             for event in data.get("events", ())
