@@ -619,7 +619,7 @@ def _tick(step: _Step) -> str:
     if current is not None and current.status.live and at >= current.expires_at:
         step.tell_provider_to_drop(current, "attempt timed out")
         policy = step.ctx.policy
-        if current.status is AttemptStatus.DISPATCHED and current.start_by is not None:
+        if current.waiting_to_start:
             message = (
                 f"{current.provider} did not start the attempt within {policy.start_timeout_ms} ms"
             )

@@ -49,9 +49,14 @@ class Attempt(_Frozen):
     start_by: datetime | None = None
 
     @property
+    def waiting_to_start(self) -> bool:
+        """Dispatched, not started yet, and held to a start timeout rather than an answer time."""
+        return self.status is AttemptStatus.DISPATCHED and self.start_by is not None
+
+    @property
     def expires_at(self) -> datetime:
         """When this attempt times out if no answer comes: its start timeout until it starts."""
-        if self.status is AttemptStatus.DISPATCHED and self.start_by is not None:
+        if self.waiting_to_start and self.start_by is not None:
             return self.start_by
         return self.timeout_at
 
