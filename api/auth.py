@@ -39,8 +39,10 @@ class KeyRing:
         return cls(tenants)
 
     def tenant_for(self, key: str) -> str | None:
+        # A header's bytes that are not UTF-8 arrive as surrogates: compare them, never fail.
+        given = key.encode("utf-8", "surrogateescape")
         for known, tenant in self.tenants.items():
-            if hmac.compare_digest(known.encode(), key.encode()):
+            if hmac.compare_digest(known.encode(), given):
                 return tenant
         return None
 

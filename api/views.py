@@ -122,12 +122,21 @@ class Accepted:
 
     def __init__(self, ttl_s: float = 120.0) -> None:
         self.ttl_s = ttl_s
+        #: job_id -> (fingerprint, when); insertion order is time order, so expiry pops the front.
         self.jobs: dict[str, tuple[str, float]] = {}
 
     def add(self, job_id: str, fingerprint: str) -> None:
         now = asyncio.get_running_loop().time()
-        self.jobs = {k: v for k, v in self.jobs.items() if now - v[1] < self.ttl_s}
+        while self.jobs:
+            oldest, (_, at) = next(iter(self.jobs.items()))
+            if now - at < self.ttl_s:
+                break
+            del self.jobs[oldest]
+        self.jobs.pop(job_id, None)
         self.jobs[job_id] = (fingerprint, now)
+
+    def discard(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
 
     def fingerprint(self, job_id: str) -> str | None:
         entry = self.jobs.get(job_id)
@@ -198,7 +207,9 @@ class Jobs(View):
             return json_response(
                 accepted_body(job_id, state, created=False), status=202, headers=location
             )
-        parent = from_headers([(k, v.encode()) for k, v in request.headers.items()])
+        parent = from_headers(
+            [(k, v.encode("utf-8", "surrogateescape")) for k, v in request.headers.items()]
+        )
         with span(
             "http.submit", parent, kind=SpanKind.SERVER, job_id=job_id, tenant_id=tenant
         ) as trace:
@@ -243,8 +254,14 @@ async def _submit(
         trace=trace,
         source="http",
     )
-    await (await send_command(job_id, encode(create), to_headers(trace)))
+    # Claimed before the first await: a concurrent POST of the same request_id with another
+    # payload now sees it and gets 409, instead of both getting 202.
     accepted.add(job_id, fingerprint)
+    try:
+        await (await send_command(job_id, encode(create), to_headers(trace)))
+    except BaseException:
+        accepted.discard(job_id)
+        raise
     # Read-your-writes: answer once the job agent has applied it (bounded; it is durable anyway).
     loop = asyncio.get_running_loop()
     deadline = loop.time() + APPLY_WAIT_S

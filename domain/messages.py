@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from domain.errors import CanonicalError, ErrorCode
+from domain.limits import METADATA, RAW_USAGE, check_tree
 from domain.money import Cost, Money
 from domain.usage import Usage
 
@@ -32,6 +34,15 @@ Preference = Literal["cost", "latency", "reliability", "balanced"]
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/\-]+$")]
 ProviderName = Annotated[
     str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._\-]*$")
+]
+
+Capability = Annotated[str, Field(min_length=1, max_length=64)]
+#: Free-form JSON, bounded (domain.limits): what is accepted is stored and read back whole.
+Metadata = Annotated[
+    dict[str, Any], AfterValidator(lambda value: check_tree(value, METADATA, name="metadata"))
+]
+RawUsage = Annotated[
+    dict[str, Any], AfterValidator(lambda value: check_tree(value, RAW_USAGE, name="raw_usage"))
 ]
 
 #: Outcomes a simulated provider understands besides the canonical error codes.
@@ -48,12 +59,12 @@ class ChatMessage(Message):
 
 
 class ProviderFilter(Message):
-    allow: list[ProviderName] | None = None
-    deny: list[ProviderName] = Field(default_factory=list)
+    allow: list[ProviderName] | None = Field(default=None, max_length=64)
+    deny: list[ProviderName] = Field(default_factory=list, max_length=64)
 
 
 class Constraints(Message):
-    capabilities: list[str] = Field(default_factory=list, max_length=32)
+    capabilities: list[Capability] = Field(default_factory=list, max_length=32)
     max_cost: Money | None = None
     max_latency_ms: int | None = Field(default=None, gt=0)
     providers: ProviderFilter = Field(default_factory=ProviderFilter)
@@ -62,9 +73,17 @@ class Constraints(Message):
 class Simulate(Message):
     """Script for the simulated provider; real providers ignore it."""
 
-    outcomes: dict[ProviderName, list[str]] = Field(default_factory=dict)
+    outcomes: dict[ProviderName, Annotated[list[str], Field(max_length=64)]] = Field(
+        default_factory=dict, max_length=16
+    )
     latency_ms: int | None = Field(default=None, ge=0, le=600_000)
-    usage: dict[str, StrictInt] | None = None
+    usage: (
+        dict[
+            Annotated[str, Field(max_length=64)],
+            Annotated[StrictInt, Field(ge=0, le=10**12)],
+        ]
+        | None
+    ) = Field(default=None, max_length=32)
 
     @field_validator("outcomes")
     @classmethod
@@ -95,7 +114,7 @@ class JobRequest(Message):
     constraints: Constraints = Field(default_factory=Constraints)
     preference: Preference = "balanced"
     deadline_ms: int | None = Field(default=None, gt=0, le=7 * 24 * 3600 * 1000)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     simulate: Simulate | None = None
 
     def fingerprint(self) -> str:
@@ -127,8 +146,8 @@ class CancelRequest(Message):
 class TraceContext(Message):
     """W3C trace context carried with a job across topics."""
 
-    traceparent: str | None = None
-    tracestate: str | None = None
+    traceparent: str | None = Field(default=None, max_length=128)
+    tracestate: str | None = Field(default=None, max_length=1024)
 
 
 class Output(Message):
@@ -190,7 +209,7 @@ class ProviderResult(Message):
     model: str
     occurred_at: AwareDatetime
     output: Output | None = None
-    raw_usage: dict[str, Any] | None = None
+    raw_usage: RawUsage | None = None
     usage_shape: str | None = None
     error: RawProviderError | None = None
     latency_ms: int | None = Field(default=None, ge=0)

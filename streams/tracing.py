@@ -43,9 +43,14 @@ def from_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> TraceCon
         if value is not None and key.lower() in ("traceparent", "tracestate"):
             found[key.lower()] = value.decode("latin-1")
     parent = found.get("traceparent")
-    if not valid_traceparent(parent):
+    if parent is None or not valid_traceparent(parent):
         return TraceContext(traceparent=new_traceparent())
-    return TraceContext(traceparent=parent, tracestate=found.get("tracestate"))
+    parent = parent.strip().lower()
+    state = found.get("tracestate")
+    # W3C: at most 512 characters of printable ASCII; anything else is dropped, not trusted.
+    if state is not None and (len(state) > 512 or not state.isascii() or not state.isprintable()):
+        state = None
+    return TraceContext(traceparent=parent, tracestate=state)
 
 
 def to_headers(trace: TraceContext | None) -> list[tuple[str, bytes]]:

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from aiokafka.partitioner import DefaultPartitioner
@@ -248,6 +249,162 @@ async def test_post_jobs_415_for_another_content_type(
     data = b'{"request_id": "x", "messages": [{"role": "user", "content": "hi"}]}'
     async with http.post(api_stack.cp1 + "/jobs", data=data, headers=headers) as response:
         await problem(response, 415)
+
+
+async def test_concurrent_posts_of_one_request_id_with_other_payloads_accept_one(
+    http: aiohttp.ClientSession, api_stack: ApiStack
+) -> None:
+    """Before: each POST checked, then awaited its send, then claimed: two could both get 202."""
+    for _ in range(5):
+        request_id = rid("concurrent")
+        bodies = [job_request(request_id, content=f"payload {n}") for n in range(6)]
+        answers = await asyncio.gather(*(submit(http, api_stack, body) for body in bodies))
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [202] + [409] * 5, answers
+
+
+def nested(levels: int) -> bytes:
+    """`levels` JSON objects inside each other, as raw bytes (no encoder would write them)."""
+    return b'{"a": ' * (levels - 1) + b'{"leaf": 1}' + b"}" * (levels - 1)
+
+
+def with_metadata(request_id: str, metadata: bytes) -> bytes:
+    head = orjson.dumps(job_request(request_id))[:-1]
+    return head + b', "metadata": ' + metadata + b"}"
+
+
+@pytest.mark.parametrize("levels", [17, 240, 252, 300, 2000])
+async def test_post_jobs_422_for_metadata_nested_past_the_limit(
+    http: aiohttp.ClientSession, api_stack: ApiStack, levels: int
+) -> None:
+    """Before: 240-252 levels were accepted with a 500 and the job then read back as 500."""
+    request_id = rid("deep")
+    headers = {**bearer("key-a"), "Content-Type": "application/json"}
+    body = with_metadata(request_id, nested(levels))
+    async with http.post(api_stack.cp1 + "/jobs", data=body, headers=headers) as response:
+        answer = await problem(response, 422)
+    assert "deeper than 16 levels" in str(answer.get("errors")) or "depth" in answer["detail"]
+    status, _ = await get_json(http, f"{api_stack.cp1}/jobs/{job_id_for('tenant-a', request_id)}")
+    assert status == 404
+
+
+async def test_metadata_at_the_limit_is_stored_read_back_and_echoed(
+    http: aiohttp.ClientSession, api_stack: ApiStack
+) -> None:
+    request_id = rid("deep-ok")
+    headers = {**bearer("key-a"), "Content-Type": "application/json"}
+    body = with_metadata(request_id, nested(16))
+    async with http.post(api_stack.cp1 + "/jobs", data=body, headers=headers) as response:
+        answer = await response.json(content_type=None)
+        assert response.status == 202, answer
+    job_id = answer["job_id"]
+    await wait_state(http, api_stack, job_id, TERMINAL)
+    for url in api_stack.urls:
+        for path in ("", "/result", "/events", "/timeline"):
+            async with http.get(f"{url}/jobs/{job_id}{path}", headers=bearer("key-a")) as r:
+                assert r.status == 200, (path, await r.text())
+    _, result = await get_json(http, f"{api_stack.cp2}/jobs/{job_id}/result")
+    assert result["metadata"] == orjson.loads(nested(16))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "where"),
+    [
+        (b'{"n": 1e400}', "not JSON"),
+        (b'{"n": ' + b"9" * 400 + b"}", "not JSON"),
+        (b'{"k": "' + b"x" * 17_000 + b'"}', "16384"),
+        (b'{"l": [' + b",".join([b"0"] * 2_100) + b"]}", "more than 2000 values"),
+        (b'{"s": "\\ud800"}', ""),
+        (b'{"s": "\\xff"}', "not JSON"),
+    ],
+    ids=[
+        "float-overflow",
+        "huge-int",
+        "long-string",
+        "many-values",
+        "lone-surrogate",
+        "bad-escape",
+    ],
+)
+async def test_post_jobs_never_answers_5xx_for_odd_metadata(
+    http: aiohttp.ClientSession, api_stack: ApiStack, metadata: bytes, where: str
+) -> None:
+    headers = {**bearer("key-a"), "Content-Type": "application/json"}
+    body = with_metadata(rid("odd"), metadata)
+    async with http.post(api_stack.cp1 + "/jobs", data=body, headers=headers) as response:
+        text = await response.text()
+        assert response.status < 500, text
+        if response.status == 202:
+            job_id = orjson.loads(text)["job_id"]
+            await wait_state(http, api_stack, job_id, TERMINAL)
+        else:
+            assert response.status in (413, 422), text
+            assert where in text, text
+
+
+async def test_post_jobs_422_for_invalid_utf8(
+    http: aiohttp.ClientSession, api_stack: ApiStack
+) -> None:
+    headers = {**bearer("key-a"), "Content-Type": "application/json"}
+    for bad in (b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80"):
+        body = orjson.dumps(job_request(rid("utf8"), content="@@")).replace(b"@@", bad)
+        async with http.post(api_stack.cp1 + "/jobs", data=body, headers=headers) as response:
+            assert "not JSON" in (await problem(response, 422))["detail"]
+
+
+async def raw_request(url: str, head: bytes) -> tuple[int, bytes]:
+    """Send request bytes as they are (an HTTP client would refuse to send some headers)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line = answer.split(b"\r\n", 1)[0]
+    return int(status_line.split()[1]), answer
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer \xff\xfe", "Bearer clé-ünïcode".encode(), b"Bearer key-a\x00", b"\xe2\x82\xac"],
+    ids=["latin1-bytes", "utf8-text", "nul", "no-scheme-utf8"],
+)
+async def test_odd_authorization_headers_are_401_never_500(
+    api_stack: ApiStack, authorization: bytes
+) -> None:
+    """Before: an Authorization header that was not latin-1 answered 500."""
+    job_id = job_id_for("tenant-a", "whatever")
+    for url in api_stack.urls:
+        for method, path in (("GET", f"/jobs/{job_id}"), ("GET", "/providers")):
+            head = (
+                f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode()
+                + b"Authorization: "
+                + authorization
+                + b"\r\n\r\n"
+            )
+            status, answer = await raw_request(url, head)
+            assert status in (400, 401), answer[:300]
+
+
+async def test_odd_trace_headers_never_fail_a_post(
+    http: aiohttp.ClientSession, api_stack: ApiStack
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    cases = [
+        {"traceparent": " " * 300 + traceparent},
+        {"traceparent": traceparent, "tracestate": "k=" + "v" * 5000},
+        {"traceparent": traceparent, "tracestate": "\u00e9t\u00e9=1"},
+        {"traceparent": "garbage"},
+    ]
+    for extra in cases:
+        headers = {**bearer("key-a"), **extra}
+        async with http.post(
+            api_stack.cp1 + "/jobs", json=job_request(rid("trace")), headers=headers
+        ) as response:
+            assert response.status == 202, await response.text()
 
 
 # -- 401 ------------------------------------------------------------------------------------------
