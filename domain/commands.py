@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from domain.messages import JobRequest, ProviderResult, TraceContext
 
@@ -16,6 +17,14 @@ class _Command(BaseModel):
     command_id: str = Field(min_length=1, max_length=256)
     job_id: str
     at: AwareDatetime
+
+    @field_validator("at")
+    @classmethod
+    def _sane_time(cls, value: datetime) -> datetime:
+        # Deadlines and timeouts are added to it: a time near the end of the calendar overflows.
+        if not 2000 <= value.year <= 9000:
+            raise ValueError("a command's time must fall in the years 2000 to 9000")
+        return value
 
 
 class CreateJob(_Command):

@@ -640,3 +640,54 @@ def _cancel(step: _Step, command: CancelJob) -> str:
     step.cancel_live_attempt(command.reason)
     step.finish(JobStatus.CANCELLED, error=canonical_error(ErrorCode.CANCELLED, command.reason))
     return "cancelled"
+
+
+def fail_internal(job: Job | None, command: Command, ctx: Context, detail: str) -> Decision:
+    """The job after `command` could not be applied: FAILED with a canonical `internal` error.
+
+    The control plane's own failure must still end the job with a final response (a client that
+    got 202 must not read 404 forever, a failing timer must not fire again and again). Only the
+    job's identity and the command's time are used here: nothing that made the step fail.
+    """
+    if job is not None and command.command_id in job.seen_commands:
+        return Decision(job=job, outcome="duplicate_command", publish=tuple(job.outbox))
+    if job is None:
+        if not isinstance(command, CreateJob):
+            return Decision(
+                job=None,
+                outcome="unknown_job",
+                dead_letter=(
+                    "unknown_job",
+                    f"no job {command.job_id} for a {command.kind} command",
+                ),
+            )
+        job = Job(
+            job_id=command.job_id,
+            tenant_id=command.tenant_id,
+            request_id=command.request.request_id,
+            fingerprint=command.fingerprint,
+            request=command.request,
+            trace=command.trace,
+            status=JobStatus.CREATED,
+            created_at=command.at,
+            updated_at=command.at,
+            deadline_at=None,
+            status_times={JobStatus.CREATED.value: command.at},
+            seen_commands=[command.command_id],
+        )
+        step = _Step(job, command.at, ctx)
+        step.event("created", request_id=command.request.request_id, source=command.source)
+    elif job.terminal:
+        return Decision(job=job, outcome="noop")
+    else:
+        step = _Step(job, command.at, ctx)
+        step.cancel_live_attempt("the job failed inside the control plane")
+        step.update(seen_commands=[*job.seen_commands, command.command_id][-SEEN_COMMANDS:])
+    step.finish(
+        JobStatus.FAILED,
+        error=canonical_error(
+            ErrorCode.INTERNAL,
+            f"the control plane could not apply a {command.kind} command to this job: {detail}",
+        ),
+    )
+    return Decision(job=step.job, outcome="failed", publish=tuple(step.entries))

@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     NO_ELIGIBLE_TARGET = "no_eligible_target"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
+    INTERNAL = "internal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,8 @@ ERROR_POLICY: dict[ErrorCode, ErrorPolicy] = {
     ErrorCode.NO_ELIGIBLE_TARGET: ErrorPolicy(retryable=False, fallback=False),
     ErrorCode.DEADLINE_EXCEEDED: ErrorPolicy(retryable=False, fallback=False),
     ErrorCode.CANCELLED: ErrorPolicy(retryable=False, fallback=False),
+    # The control plane could not apply a command to the job (a bug, or an injected fault).
+    ErrorCode.INTERNAL: ErrorPolicy(retryable=False, fallback=False),
 }
 
 

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from domain.codec import DecodeError, decode_command, decode_intake, decode_result, encode
 from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
-from domain.decide import decide
+from domain.decide import Context, Decision, decide, fail_internal
 from domain.ids import job_id_for
 from domain.job import Job, OutboxEntry
 from domain.messages import CancelRequest, Dispatch, TraceContext
@@ -60,11 +60,18 @@ log = logging.getLogger(__name__)
 #: How long an attempt timeout waits for answers already on cp.results but not read yet.
 RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
 RESULTS_GATE_MAX = timedelta(seconds=10)
+#: When a timer whose step failed outright looks at its job again.
+TIMER_RETRY = timedelta(seconds=60)
 #: How long the broker may hold a fetch with nothing new: transactional records become readable
 #: when their transaction commits, and a long-held fetch would sit on them (measured in bench/).
 FETCH_MAX_WAIT_MS = 10
 #: How long a partition's producer gathers records before sending them without a commit.
 TRANSACTION_LINGER_MS = 20
+#: How long a stopping core waits for the loop to finish its turn before cancelling it.
+STOP_TURN_WAIT_S = 10.0
+#: The largest record the core writes to a job topic (topics.yaml: max.message.bytes 1 MiB, less
+#: room for the key, headers and batch overhead).
+MAX_RECORD_BYTES = 1_000_000
 #: Timer and retention steps per loop turn, so a mass expiry does not stall the loop.
 TIMERS_PER_TURN = 2000
 
@@ -73,6 +80,14 @@ TIMERS_PER_TURN = 2000
 def partition_for(job_id: str, partitions: int) -> int:
     """The job's partition: murmur2 of its id, as the Java client and aiokafka compute it."""
     return int(murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+class RecordTooLarge(ValueError):
+    """A step would write a record bigger than a topic takes: the step is not applied."""
+
+
+class InjectedFault(RuntimeError):
+    """A fault a test asked for (`fault_injection` setting, `cp_fault` request metadata)."""
 
 
 class CoreNotReady(Exception):
@@ -155,9 +170,15 @@ class JobCore:
         self.task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
+        """Finish the turn in hand, commit what it applied, leave the group.
+
+        The loop is not cancelled mid-turn: a flush cut short would leave part of a step's
+        records unsent in a transaction that then commits (its state and effects half written).
+        """
         self.stopping = True
         self._cancel_loading()
         if self.task is not None:
+            await asyncio.wait({self.task}, timeout=STOP_TURN_WAIT_S)
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
@@ -312,7 +333,7 @@ class JobCore:
                 tenant_id=request.tenant_id,
                 reason=request.reason or "cancelled by producer",
             )
-            self._rekey(txn, job_id, encode(command), [])
+            self._rekey(txn, record, job_id, encode(command), [])
             return
         job_id = job_id_for(request.tenant_id, request.request_id)
         with span(
@@ -332,9 +353,29 @@ class JobCore:
                 trace=trace,
                 source="kafka",
             )
-            self._rekey(txn, job_id, encode(command), to_headers(trace))
+            self._rekey(txn, record, job_id, encode(command), to_headers(trace))
 
-    def _rekey(self, txn: Transaction, job_id: str, value: bytes, headers: Any) -> None:
+    def _rekey(
+        self,
+        txn: Transaction,
+        record: ConsumerRecord[Any, Any],
+        job_id: str,
+        value: bytes,
+        headers: Any,
+    ) -> None:
+        """Send a command to its job's partition, in this step's transaction.
+
+        A record the broker would refuse would fail the transaction again on every retry (the
+        partition would stall); it is dead-lettered instead, with the input it came from.
+        """
+        if len(value) > MAX_RECORD_BYTES:
+            self._dead_letter(
+                txn,
+                record,
+                "oversize",
+                f"its {len(value)}-byte command is over the {MAX_RECORD_BYTES}-byte record limit",
+            )
+            return
         txn.add(
             self.commands_topic,
             job_id.encode(),
@@ -345,7 +386,7 @@ class JobCore:
 
     def _result(self, part: Partition, txn: Transaction, record: ConsumerRecord[Any, Any]) -> None:
         try:
-            result = decode_result(record.value, max_bytes=self.settings.max_request_bytes)
+            result = decode_result(record.value, max_bytes=self.settings.max_result_bytes)
         except DecodeError as exc:
             self._dead_letter(txn, record, exc.reason, exc.detail)
             return
@@ -367,7 +408,7 @@ class JobCore:
                 result=result.model_copy(update={"trace": trace}),
             )
             if self.partition_of(result.job_id) != part.number:
-                self._rekey(txn, result.job_id, encode(command), to_headers(trace))
+                self._rekey(txn, record, result.job_id, encode(command), to_headers(trace))
                 return
             self._step(part, txn, command, record)
 
@@ -380,7 +421,7 @@ class JobCore:
         if isinstance(command, MarkPublished):
             return  # marks of the outbox-and-marks design; effects now commit with their step
         if self.partition_of(command.job_id) != part.number:
-            self._rekey(txn, command.job_id, record.value, list(record.headers or ()))
+            self._rekey(txn, record, command.job_id, record.value, list(record.headers or ()))
             return
         self._step(part, txn, command, record)
 
@@ -408,19 +449,29 @@ class JobCore:
                 return
         # Everything that can fail comes first; the step's state and effects then go in whole.
         with span(f"job.{command.kind}", _parent_trace(command, job), job_id=command.job_id):
-            decision = decide(job, command, self.runtime.context())
-            new = decision.job
-            effects: list[Record] = []
-            if new is not None and new is not job and new.outbox:
-                effects = self._render(new, new.outbox)
-                new = _published(new, command, self.runtime)
-            request = encode_request(new.request) if job is None and new is not None else None
+            try:
+                self._inject("decide", command, job)
+                decision, new, effects, request = self._decide(job, command, decide)
+            except Exception as exc:  # a command that cannot be applied fails its job
+                log.exception(
+                    "step failed: the job ends FAILED (internal)",
+                    extra={"event": "job.internal_error", "job_id": command.job_id},
+                )
+                self.metrics.internal_errors.labels(command.kind).inc()
+                error = type(exc).__name__
+
+                def internal(job: Job | None, command: Command, ctx: Context) -> Decision:
+                    return fail_internal(job, command, ctx, error)
+
+                decision, new, effects, request = self._decide(job, command, internal)
         for observation in decision.observations:
             self.runtime.health.observe(observation)
         if decision.dead_letter is not None and record is not None:
             self._dead_letter(txn, record, *decision.dead_letter)
         if new is None or new is job:
             return
+        # The step's state, its effects, its timer and its retirement go in together: nothing
+        # that can raise stands between them.
         txn.extend(effects)
         if request is not None:
             txn.add(self.changelog_topic, key(REQUEST, new.job_id), request, partition=part.number)
@@ -433,9 +484,42 @@ class JobCore:
             part.retire.set(new.job_id, new.updated_at + self.retention)
             self.gated_since.pop(new.job_id, None)
         try:
+            self._inject("after_write", command, new)
             self._observe(job, new, decision.outcome)
         except Exception:
             log.exception("step bookkeeping failed", extra={"job_id": new.job_id})
+
+    def _decide(
+        self,
+        job: Job | None,
+        command: Command,
+        decider: Callable[[Job | None, Command, Context], Decision],
+    ) -> tuple[Decision, Job | None, list[Record], bytes | None]:
+        """Decide one step and render what it owes; raises before anything is applied."""
+        decision = decider(job, command, self.runtime.context())
+        new = decision.job
+        effects: list[Record] = []
+        if new is not None and new is not job and new.outbox:
+            effects = self._render(new, new.outbox)
+            new = _published(new, command, self.runtime)
+        request = encode_request(new.request) if job is None and new is not None else None
+        for effect in effects:
+            if len(effect.value or b"") > MAX_RECORD_BYTES:
+                raise RecordTooLarge(
+                    f"a {len(effect.value or b'')}-byte record for {effect.topic} is over the "
+                    f"{MAX_RECORD_BYTES}-byte limit"
+                )
+        return decision, new, effects, request
+
+    def _inject(self, stage: str, command: Command, job: Job | None) -> None:
+        """Raise where a test asked for a fault (CP_FAULT_INJECTION only)."""
+        if not self.settings.fault_injection:
+            return
+        request = command.request if isinstance(command, CreateJob) else None
+        if request is None and job is not None:
+            request = job.request
+        if request is not None and request.metadata.get("cp_fault") == stage:
+            raise InjectedFault(f"fault injected at {stage}")
 
     def _observe(self, job: Job | None, new: Job, outcome: str) -> None:
         if outcome == "duplicate_command":
@@ -576,7 +660,12 @@ class JobCore:
         tick = Tick(
             command_id=f"tick:{job_id}:{int(now.timestamp() * 1000)}", job_id=job_id, at=now
         )
-        self._step(part, txn, tick, None)
+        try:
+            self._step(part, txn, tick, None)
+        except Exception:  # even failing the job failed: look again later, never spin
+            log.exception("timer step failed", extra={"job_id": job_id})
+            part.wake.set(job_id, now + TIMER_RETRY)
+            return
         if job_id not in part.wake.due:
             # Not due yet after all (a restored time is rounded): look again when it is.
             after = part.jobs.get(job_id)
@@ -674,6 +763,9 @@ class JobCore:
             txn.records.clear()
             try:
                 await txn.send(records)
+            except asyncio.CancelledError:  # part of the records went: this one must not commit
+                self.failed.add(number)
+                raise
             except Exception:
                 log.exception("send failed", extra={"event": "core.send_failed"})
                 self.failed.add(number)

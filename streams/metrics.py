@@ -98,6 +98,12 @@ class Metrics:
             ["reason", "topic"],
             registry=registry,
         )
+        self.internal_errors = Counter(
+            "cp_internal_errors",
+            "Commands the job core could not apply (their job ended FAILED, code internal)",
+            ["command"],
+            registry=registry,
+        )
         self.attempt_latency = Histogram(
             "cp_attempt_latency_seconds",
             "Provider time of an attempt",

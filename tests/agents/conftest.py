@@ -148,6 +148,7 @@ class FakeConsumer:
     highwaters: dict[int, int | None] = field(default_factory=dict)
     topic: str = ""
     rejoins: int = 0
+    stopped: bool = False
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.highwaters.get(tp.partition)
@@ -158,6 +159,9 @@ class FakeConsumer:
 
     def request_rejoin(self) -> None:
         self.rejoins += 1
+
+    async def stop(self) -> None:
+        self.stopped = True
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(self.topic, p) for p in range(PARTITIONS)}
@@ -346,6 +350,7 @@ def settings() -> Settings:
         topics_file=ROOT / "topics.yaml",
         catalogue_file=ROOT / "config" / "catalogue.yaml",
         policy_file=ROOT / "config" / "policy.yaml",
+        fault_injection=True,
     )
 
 

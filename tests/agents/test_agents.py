@@ -21,13 +21,13 @@ from aiokafka import TopicPartition
 
 import streams.core
 from domain.codec import decode_command, encode
-from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult
+from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
 from domain.decide import decide as real_decide
 from domain.ids import idempotency_key, job_id_for
 from domain.job import Job
 from domain.lifecycle import AttemptStatus, JobStatus
 from domain.messages import Dispatch, FinalResponse, JobEvent, JobRequest, Output, ProviderCancel
-from streams.core import RESULTS_GATE_MAX, RESULTS_GATE_RECHECK, CoreNotReady
+from streams.core import MAX_RECORD_BYTES, RESULTS_GATE_MAX, RESULTS_GATE_RECHECK, CoreNotReady
 from streams.partition import Partition
 from streams.tracing import trace_id, valid_traceparent
 from streams.txn import Record
@@ -304,6 +304,68 @@ async def test_a_result_on_another_partition_is_rekeyed_as_a_record_result_comma
     assert header(sent, "traceparent") is not None
     # Nothing was applied here: partition 6 applies it when the command comes round.
     assert driver.core.parts[6].jobs == {} and driver.core.parts[1].jobs == {}
+
+
+async def test_a_result_over_the_result_limit_is_dead_lettered_not_rekeyed(driver: Driver) -> None:
+    job_id = job_id_for(TENANT, request_id_on(6))
+    text = "y" * driver.settings.max_result_bytes
+    result = provider_result(job_id, f"{job_id}-a1", "sim-fast", "m", output=Output(text=text))
+    driver.result(result, partition=1)
+
+    assert driver.pending_commands() == []
+    assert driver.reasons() == ["oversize"]
+
+
+async def test_a_command_too_big_to_rekey_is_dead_lettered_instead_of_failing_the_commit(
+    driver: Driver,
+) -> None:
+    """Before: the re-keyed record failed the transaction, again on every retry."""
+    job = await driver.create("r-1")
+    assert job.current is not None
+    answer = provider_result(
+        job.job_id,
+        job.current.attempt_id,
+        "sim-fast",
+        "m",
+        output=Output(text="z" * (MAX_RECORD_BYTES + 10)),
+    )
+    command = RecordResult(command_id="big", job_id=job.job_id, at=datetime.now(UTC), result=answer)
+    other = (driver.partition_of(job.job_id) + 1) % 8
+    record = driver.command(command, partition=other)
+
+    assert driver.pending_commands() == []
+    [letter] = driver.dead()
+    assert (letter.reason, letter.partition, letter.offset) == ("oversize", other, record.offset)
+    assert driver.core.txns[other].offsets == {
+        TopicPartition(driver.topic(COMMANDS), other): record.offset + 1
+    }
+    await driver.commit()
+
+
+async def test_a_step_whose_records_would_not_fit_fails_its_job_as_internal(
+    driver: Driver,
+) -> None:
+    job = await driver.create("r-1")
+    assert job.current is not None
+    answer = provider_result(
+        job.job_id,
+        job.current.attempt_id,
+        job.current.provider,
+        job.current.model,
+        output=Output(text="z" * (MAX_RECORD_BYTES + 10)),
+    )
+    driver.command(
+        RecordResult(command_id="big", job_id=job.job_id, at=datetime.now(UTC), result=answer)
+    )
+
+    assert driver.dead() == []
+    failed = driver.job(job.job_id)
+    assert failed is not None and failed.status is JobStatus.FAILED
+    assert failed.final is not None and failed.final.error is not None
+    assert failed.final.error.code == "internal"
+    assert "RecordTooLarge" in failed.final.error.message
+    assert all(len(r.value or b"") < MAX_RECORD_BYTES for r in driver.pending())
+    assert len(driver.pending(RESPONSES)) == 1
 
 
 async def test_results_dead_letters_garbage_and_keeps_going(driver: Driver) -> None:
@@ -584,43 +646,81 @@ async def test_a_corrupted_stored_row_is_dead_lettered(
     assert driver.txn(command.job_id).rows == {}
 
 
-async def test_an_error_inside_a_step_is_dead_lettered_and_the_core_goes_on(
-    driver: Driver, monkeypatch: pytest.MonkeyPatch
+async def test_a_create_that_cannot_be_applied_fails_its_job_as_internal_and_the_core_goes_on(
+    driver: Driver,
 ) -> None:
-    bad = await driver.admit(request_id_on(3, prefix="bad"))
-    good = await driver.admit(request_id_on(3, prefix="good"))
-    bad_id = job_id_for(TENANT, request_id_on(3, prefix="bad"))
-    good_id = job_id_for(TENANT, request_id_on(3, prefix="good"))
-
-    def exploding_decide(job: Job | None, command: Command, ctx: Any) -> Any:
-        if command.job_id == bad_id:
-            raise RuntimeError("boom in decide")
-        return real_decide(job, command, ctx)
-
-    monkeypatch.setattr(streams.core, "decide", exploding_decide)
+    bad_rid, good_rid = request_id_on(3, prefix="bad"), request_id_on(3, prefix="good")
+    bad = await driver.admit(bad_rid, metadata={"cp_fault": "decide", "team": "search"})
+    good = await driver.admit(good_rid)
+    bad_id, good_id = job_id_for(TENANT, bad_rid), job_id_for(TENANT, good_rid)
     records = [driver.record(COMMANDS, 3, r.value, key=r.key) for r in (bad, good)]
     driver.core._consume(TopicPartition(driver.topic(COMMANDS), 3), records)
 
-    [letter] = driver.dead()
-    assert (letter.reason, letter.topic, letter.partition, letter.offset) == (
-        "agent_error",
-        driver.topic(COMMANDS),
-        3,
-        records[0].offset,
-    )
-    assert "boom in decide" in letter.detail
-    assert base64.b64decode(letter.payload_b64) == bad.value
-    assert letter.key == bad_id
-    assert driver.job(bad_id) is None
+    # Before: the command was dead-lettered and the job never existed (a 202 then 404 forever).
+    assert driver.dead() == []
+    failed = driver.job(bad_id)
+    assert failed is not None and failed.status is JobStatus.FAILED
+    assert failed.final is not None and failed.final.error is not None
+    assert failed.final.error.code == "internal"
+    assert "InjectedFault" in failed.final.error.message
+    assert (failed.final.error.retryable, failed.final.error.fallback) == (False, False)
+    assert failed.final.metadata["team"] == "search"
+    assert [e.type for e in failed.events] == ["created", "failed"]
+    assert driver.dispatches() == [r for r in driver.dispatches() if r.key == good_id.encode()]
+    [response] = [r for r in driver.pending(RESPONSES) if r.key == bad_id.encode()]
+    final = FinalResponse.model_validate_json(response.value or b"")
+    assert (final.state, final.error and final.error.code) == ("FAILED", "internal")
+    assert driver.part(bad_id).wake.due.get(bad_id) is None
+    assert driver.part(bad_id).retire.due.get(bad_id) is not None
     job = driver.job(good_id)
     assert job is not None and job.status is JobStatus.DISPATCHED
-    assert {r.key for r in driver.pending() if r.topic != driver.topic(DLQ)} == {
-        good_id.encode(),
-        key(REQUEST, good_id),
-    }
     assert driver.core.txns[3].offsets == {
         TopicPartition(driver.topic(COMMANDS), 3): records[1].offset + 1
     }
+    # The same command again (redelivered) changes nothing.
+    driver.redeliver(Record(bad.topic, bad.key, bad.value, bad.headers, 3))
+    assert driver.job(bad_id) == failed
+
+
+async def test_a_command_that_cannot_be_applied_to_a_live_job_fails_it_and_drops_its_attempt(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = await driver.create("r-1")
+    attempt = job.current
+    assert attempt is not None
+
+    def exploding(job: Job | None, command: Command, ctx: Any) -> Any:
+        if isinstance(command, Tick):
+            raise OverflowError("boom in a tick")
+        return real_decide(job, command, ctx)
+
+    monkeypatch.setattr(streams.core, "decide", exploding)
+    driver.consumer.highwaters[driver.partition_of(job.job_id)] = 0
+    driver.core._fire_timers(attempt.expires_at)
+
+    failed = driver.job(job.job_id)
+    assert failed is not None and failed.status is JobStatus.FAILED
+    assert failed.final is not None and failed.final.error is not None
+    assert failed.final.error.code == "internal"
+    assert failed.attempts[0].status is AttemptStatus.CANCELLED
+    [drop] = driver.dispatches()
+    assert ProviderCancel.model_validate_json(drop.value or b"").attempt_id == attempt.attempt_id
+    # Before: the tick raised, was retried on every timer turn and the job never ended.
+    assert driver.part(job.job_id).wake.due.get(job.job_id) is None
+    assert len(driver.pending(RESPONSES)) == 1
+
+
+async def test_a_fault_after_the_state_is_written_keeps_the_jobs_timer(driver: Driver) -> None:
+    job = await driver.create("r-1", metadata={"cp_fault": "after_write"})
+
+    assert job.status is JobStatus.DISPATCHED
+    assert driver.dead() == []
+    assert driver.part(job.job_id).wake.due[job.job_id] == job.next_wake()
+    assert job.current is not None
+    driver.consumer.highwaters[driver.partition_of(job.job_id)] = 0
+    driver.core._fire_timers(job.current.expires_at)
+    retrying = driver.job(job.job_id)
+    assert retrying is not None and retrying.status is JobStatus.RETRYING
 
 
 async def test_a_cancel_from_intake_cancels_the_job_and_tells_the_provider(
@@ -1131,3 +1231,54 @@ async def test_a_twin_sends_nothing_until_the_commit_ahead_of_it_ended(driver: D
     ]
     assert [row.status for row in rows][-2:] == [JobStatus.STARTED, JobStatus.COMPLETED]
     assert producer.calls[calls] == "begin"  # the twin began only after the commit ended
+
+
+async def test_a_flush_cut_short_is_aborted_not_committed(driver: Driver) -> None:
+    """Before: a stop cancelled the loop mid-send and then committed what had gone (a step's
+    row without its effects, or effects without the row)."""
+    create = await driver.admit("r-1")
+    job_id = job_id_for(TENANT, "r-1")
+    number = driver.partition_of(job_id)
+    driver.redeliver(create)
+    producer = driver.producers[number]
+    txn = driver.core.txns[number]
+    queued = len(txn.records) + 1  # and the row, queued by the flush
+    assert queued > 2
+    calls = len(producer.calls)
+    flush = asyncio.ensure_future(driver.core._flush(number, txn))
+    await asyncio.sleep(0)  # the first send went; the others wait their turn
+    flush.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    assert 0 < producer.calls[calls:].count("send") < queued
+
+    await driver.core._commit_all()
+
+    assert "commit" not in producer.calls[calls:]
+    assert "abort" in producer.calls[calls:]
+    assert number not in driver.core.parts  # rebuilt from the changelog when it comes back
+    assert driver.consumer.rejoins == 1
+
+
+async def test_stop_lets_the_turn_in_hand_finish_before_committing(driver: Driver) -> None:
+    create = await driver.admit("r-1")
+    job_id = job_id_for(TENANT, "r-1")
+    number = driver.partition_of(job_id)
+    producer = driver.producers[number]
+    release = asyncio.Event()
+
+    async def turn() -> None:
+        driver.redeliver(create)
+        await release.wait()  # the loop is mid-turn (a send that has not returned yet)
+        await driver.core._flush(number, driver.core.txns[number])
+
+    driver.core.task = asyncio.ensure_future(turn())
+    stopping = asyncio.ensure_future(driver.core.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    release.set()
+    await stopping
+
+    assert "commit" in producer.calls and "abort" not in producer.calls
+    committed_rows = [r for r in producer.sent if r.key == key(ROW, job_id)]
+    assert committed_rows, "the step applied before the stop was committed with its row"

@@ -57,6 +57,7 @@ def obs(
         OTEL_TRACES_EXPORTER="console",
         CP_LOG_FORMAT="json",
         CP_LOG_LEVEL="DEBUG",
+        CP_FAULT_INJECTION="true",
     )
     try:
         stack.start_cp()
@@ -179,39 +180,49 @@ async def test_canary_prompt_never_reaches_a_log_line(obs: Stack) -> None:
     ]
     poison_at = await send(obs.bootstrap, intake, poison)
 
-    # An agent that raises: a create command whose deadline overflows datetime. The job agent
-    # catches it, logs it with log.exception and dead-letters the command as agent_error.
-    boom_request = JobRequest.model_validate(
-        request(tenant, "boom", {"sim-cheap": ["ok"]}, text=text, deadline_ms=60_000)
+    # A step that raises (a fault injected on purpose): the job core logs it with log.exception
+    # and the job ends FAILED with the canonical `internal` error.
+    boom = request(
+        tenant, "boom", {"sim-cheap": ["ok"]}, text=text, metadata={"cp_fault": "decide"}
     )
-    boom_job = job_id_for(tenant, "boom")
-    boom = CreateJob(
-        command_id=f"obs-boom-{uuid.uuid4().hex}",
-        job_id=boom_job,
+    await send(obs.bootstrap, intake, [(b"boom", to_json(boom))])
+    # A command whose time would overflow the deadline arithmetic: refused as invalid.
+    far_request = JobRequest.model_validate(
+        request(tenant, "far", {"sim-cheap": ["ok"]}, text=text, deadline_ms=60_000)
+    )
+    far_job = job_id_for(tenant, "far")
+    far = CreateJob.model_construct(
+        command_id=f"obs-far-{uuid.uuid4().hex}",
+        job_id=far_job,
         at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC),
         tenant_id=tenant,
-        fingerprint=boom_request.fingerprint(),
-        request=boom_request,
+        fingerprint=far_request.fingerprint(),
+        request=far_request,
+        kind="create",
+        schema_version=1,
+        source="kafka",
     )
     commands = obs.topic("cp.commands")
-    [boom_at] = await send(
-        obs.bootstrap, commands, [(boom_job.encode(), boom.model_dump_json().encode())]
+    [far_at] = await send(
+        obs.bootstrap, commands, [(far_job.encode(), far.model_dump_json().encode())]
     )
 
-    finals = await finals_of(obs, tenant, len(jobs), timeout=60)
+    finals = await finals_of(obs, tenant, len(jobs) + 1, timeout=60)
     letters = await letters_at(
         obs,
         {
             "invalid": (intake, *poison_at[0]),
             "not-json": (intake, *poison_at[1]),
-            "boom": (commands, *boom_at),
+            "far": (commands, *far_at),
         },
         timeout=60,
     )
 
     assert {rid: f["state"] for rid, f in finals.items()} == {
-        rid: state for rid, (_, state) in jobs.items()
+        "boom": "FAILED",
+        **{rid: state for rid, (_, state) in jobs.items()},
     }
+    assert finals["boom"]["error"]["code"] == "internal"
     # The canary did reach Kafka: in the answers (the simulator echoes the prompt) and the letters.
     for rid, final in finals.items():
         if final["state"] == "COMPLETED":
@@ -219,24 +230,23 @@ async def test_canary_prompt_never_reaches_a_log_line(obs: Stack) -> None:
     assert {name: letter["reason"] for name, letter in letters.items()} == {
         "invalid": "schema",
         "not-json": "not_json",
-        "boom": "agent_error",
+        "far": "schema",
     }
     for name, letter in letters.items():
         assert canary.encode() in base64.b64decode(letter["payload_b64"]), name
-    assert "OverflowError" in letters["boom"]["detail"]
+    assert "years 2000 to 9000" in letters["far"]["detail"]
 
     files = log_files(obs)
 
-    def agent_error_logged() -> bool:
+    def internal_error_logged() -> bool:
         return any(
-            line.get("msg") == "agent failed"
-            and line.get("agent") == "jobs"
-            and line.get("exc_type") == "OverflowError"
+            line.get("msg") == "step failed: the job ends FAILED (internal)"
+            and line.get("exc_type") == "InjectedFault"
             for line in json_lines(files["cp-1"])
         )
 
     # The exception path was really taken, and logged (as type and frames).
-    await wait_until(agent_error_logged, timeout=10, what="the job agent's exception log line")
+    await wait_until(internal_error_logged, timeout=10, what="the job agent's exception log line")
 
     leaks: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for worker, path in files.items():

@@ -81,6 +81,8 @@ def _normal(value: Any) -> str:
         return "(none)"
     if value == "":
         return "(empty)"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
