@@ -3,7 +3,13 @@
 Its own consumer group, independent of the control plane. Many calls run at once (a bounded task
 pool) while the poll loop keeps going; offsets are committed only up to the oldest attempt still
 running, so a crash re-delivers unfinished attempts (at least once) and idempotency keys already
-handled are skipped, persisted in a small RocksDB next to the worker.
+handled are skipped, persisted in a small RocksDB next to the worker (pruned after
+`provider_handled_retention_s`, once no dispatch can come back).
+
+On SIGTERM/SIGINT the worker stops taking dispatches and lets the calls in flight finish for up to
+`provider_shutdown_grace_s` (a second signal ends the wait at once): their results are published
+before their offsets commit and their keys are marked. Calls still running then are cancelled and
+left unmarked and uncommitted, so the next worker gets their dispatches again at once.
 
 Run: `python -m providers.worker`.
 """
@@ -37,6 +43,7 @@ from rocksdict import Options, Rdict
 
 from domain.catalogue import Catalogue, load_catalogue
 from domain.codec import DecodeError, encode, load_json, upcast
+from domain.limits import RAW_USAGE, check_tree
 from domain.messages import (
     Dispatch,
     Output,
@@ -54,10 +61,20 @@ log = logging.getLogger("providers.worker")
 
 #: How often offsets commit while dispatches keep coming (at-least-once either way).
 COMMIT_EVERY_S = 0.1
+#: How often handled keys older than `provider_handled_retention_s` are dropped (also at start).
+PRUNE_EVERY_S = 3600.0
+#: Handled keys looked at between two turns of the event loop while pruning.
+PRUNE_CHUNK = 5_000
+#: Longest wait for calls abandoned at shutdown to unwind once cancelled.
+CANCEL_WAIT_S = 5.0
 
 
 class OffsetTracker:
-    """Commit each partition only up to its oldest record still being worked on."""
+    """Commit each partition only up to its oldest record still being worked on.
+
+    A record started and never `done` (not taken because the worker was stopping, or its call
+    abandoned at shutdown) holds its partition's commit back for good: the next worker gets it.
+    """
 
     def __init__(self) -> None:
         self.inflight: dict[TopicPartition, set[int]] = {}
@@ -136,8 +153,34 @@ class HandledKeys:
     def __contains__(self, key: str) -> bool:
         return self._db.get(key.encode()) is not None
 
-    def add(self, key: str) -> None:
-        self._db[key.encode()] = str(int(time.time())).encode()
+    def add(self, key: str, *, now: float | None = None) -> None:
+        self._db[key.encode()] = str(int(time.time() if now is None else now)).encode()
+
+    async def prune(self, older_than: float, *, chunk: int = PRUNE_CHUNK) -> int:
+        """Drop keys marked before `older_than` (epoch seconds); return how many went.
+
+        Walks the store in chunks, yielding to the event loop between them, so calls and
+        polls go on meanwhile. A value that is not a time stamp is dropped too.
+        """
+        removed = seen = 0
+        it = self._db.iter()
+        try:
+            it.seek_to_first()
+            while it.valid():
+                try:
+                    marked = int(it.value())
+                except ValueError:
+                    marked = 0
+                if marked < older_than:
+                    self._db.delete(it.key())
+                    removed += 1
+                it.next()
+                seen += 1
+                if seen % chunk == 0:
+                    await asyncio.sleep(0)
+        finally:
+            del it
+        return removed
 
     def close(self) -> None:
         self._db.close()
@@ -173,8 +216,13 @@ class ProviderWorker:
         self.handled = HandledKeys(data_dir)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.cancelled: OrderedDict[str, None] = OrderedDict()
+        #: Keys of calls cancelled at shutdown: neither marked handled nor committed.
+        self.abandoned: set[str] = set()
         self.slots = asyncio.Semaphore(settings.provider_concurrency)
+        #: Set by the first stop signal: take no more dispatches, let calls finish (grace).
         self.stopping = asyncio.Event()
+        #: Set by a second stop signal: end the grace period now.
+        self.abort = asyncio.Event()
         self.metrics = ProviderMetrics()
         topology = load_topology(settings.topics_file)
         self.dispatch_topics = [
@@ -222,8 +270,28 @@ class ProviderWorker:
             },
         )
 
+    def request_stop(self) -> None:
+        """A stop signal: the first stops taking dispatches, a second ends the grace period."""
+        if not self.stopping.is_set():
+            log.info(
+                "stopping: no new dispatches, waiting for calls in flight",
+                extra={
+                    "event": "provider.stopping",
+                    "in_flight": len(self.inflight),
+                    "grace_s": self.settings.provider_shutdown_grace_s,
+                },
+            )
+            self.stopping.set()
+        elif not self.abort.is_set():
+            log.warning(
+                "second stop signal: abandoning calls in flight",
+                extra={"event": "provider.stop_now", "in_flight": len(self.inflight)},
+            )
+            self.abort.set()
+
     async def run(self) -> None:
         await self.start()
+        pruning = asyncio.create_task(self.prune_handled())
         try:
             loop = asyncio.get_running_loop()
             committed_at = loop.time()
@@ -231,6 +299,8 @@ class ProviderWorker:
                 batches = await self.consumer.getmany(timeout_ms=200)
                 for tp, records in batches.items():
                     for record in records:
+                        if self.stopping.is_set():
+                            break  # not started: the commit stays below it
                         self.tracker.start(tp, record.offset)
                         await self.handle(tp, record)
                 # An offset commit is a round trip the next poll would wait for: under load,
@@ -239,7 +309,25 @@ class ProviderWorker:
                     await self.commit()
                     committed_at = loop.time()
         finally:
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruning
             await self.shutdown()
+
+    async def prune_handled(self) -> None:
+        """Drop handled keys past their retention, at start and every PRUNE_EVERY_S."""
+        while True:
+            cutoff = time.time() - self.settings.provider_handled_retention_s
+            try:
+                removed = await self.handled.prune(cutoff)
+            except Exception:
+                log.warning("pruning handled keys failed", exc_info=True)
+            else:
+                log.info(
+                    "handled keys pruned",
+                    extra={"event": "provider.pruned", "removed": removed},
+                )
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def commit(self) -> None:
         offsets = self.tracker.committable()
@@ -252,17 +340,88 @@ class ProviderWorker:
             return
         self.tracker.mark_committed(offsets)
 
-    async def shutdown(self, grace_s: float = 5.0) -> None:
-        if self.inflight:
-            _done, pending = await asyncio.wait(list(self.inflight.values()), timeout=grace_s)
-            for task in pending:
-                task.cancel()
-        await self.commit()
+    async def shutdown(self) -> None:
+        """Stop taking dispatches, let calls finish within the grace period, then commit.
+
+        A finished call has its results acknowledged by the broker (and its key marked) before
+        its offset counts as done; the producer is flushed once more before the last commit.
+        Calls abandoned keep their offsets uncommitted and their keys unmarked.
+        """
+        self.stopping.set()
+        with contextlib.suppress(Exception):
+            self.consumer.pause(*self.consumer.assignment())
+        await self.drain(self.settings.provider_shutdown_grace_s)
+        try:
+            await self.producer.flush()
+        except Exception:
+            log.warning("producer flush failed at shutdown", exc_info=True)
+        else:
+            await self.commit()
         await self.consumer.stop()
         await self.producer.stop()
         for adapter in self.adapters.values():
             await adapter.close()
         self.handled.close()
+
+    async def drain(self, grace_s: float) -> int:
+        """Wait up to `grace_s` (or a second stop signal) for the calls in flight; cancel the
+        rest as abandoned: not marked handled, offsets not committed. Return how many."""
+        tasks = [task for task in self.inflight.values() if not task.done()]
+        if tasks:
+            started = time.monotonic()
+            all_done = asyncio.ensure_future(asyncio.wait(tasks))
+            abort = asyncio.ensure_future(self.abort.wait())
+            try:
+                await asyncio.wait(
+                    {all_done, abort}, timeout=max(grace_s, 0), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                all_done.cancel()
+                abort.cancel()
+            log.info(
+                "calls in flight finished",
+                extra={
+                    "event": "provider.drained",
+                    "finished": sum(1 for task in tasks if task.done()),
+                    "waited_ms": int((time.monotonic() - started) * 1000),
+                },
+            )
+        pending = {key: task for key, task in self.inflight.items() if not task.done()}
+        if not pending:
+            return 0
+        self.abandoned.update(pending)
+        for task in pending.values():
+            task.cancel()
+        await asyncio.wait(pending.values(), timeout=CANCEL_WAIT_S)
+        log.warning(
+            "calls abandoned at shutdown: left to the next worker",
+            extra={"event": "provider.abandoned", "count": len(pending)},
+        )
+        return len(pending)
+
+    async def take_slot(self) -> bool:
+        """Wait for a free call slot; False (holding none) if the worker starts stopping first."""
+        if self.stopping.is_set():
+            return False
+        if not self.slots.locked():
+            await self.slots.acquire()
+            return True
+        acquire = asyncio.ensure_future(self.slots.acquire())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not acquire.done():
+            acquire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquire
+        if acquire.cancelled():
+            return False
+        if self.stopping.is_set():
+            self.slots.release()
+            return False
+        return True
 
     async def handle(self, tp: TopicPartition, record: Any) -> None:
         try:
@@ -293,7 +452,8 @@ class ProviderWorker:
             )
             self.tracker.done(tp, record.offset)
             return
-        await self.slots.acquire()
+        if not await self.take_slot():
+            return  # stopping: not taken, its offset stays uncommitted for the next worker
         task = asyncio.create_task(self.attempt(dispatch))
         self.inflight[key] = task
         self.metrics.in_flight.inc()
@@ -302,7 +462,8 @@ class ProviderWorker:
             self.metrics.in_flight.dec()
             self.slots.release()
             self.inflight.pop(key, None)
-            self.tracker.done(tp, record.offset)
+            if key not in self.abandoned:
+                self.tracker.done(tp, record.offset)
 
         task.add_done_callback(finished)
 
@@ -342,8 +503,13 @@ class ProviderWorker:
             ):
                 outcome = await self.call(adapter, dispatch)
         except asyncio.CancelledError:
-            self.handled.add(key)
-            log.info("attempt cancelled", extra=_ids(dispatch, event="provider.cancelled"))
+            if key in self.cancelled:
+                # The job no longer wants it (a ProviderCancel): never run it again.
+                self.handled.add(key)
+                log.info("attempt cancelled", extra=_ids(dispatch, event="provider.cancelled"))
+            else:
+                # Abandoned at shutdown: unmarked, so the next worker runs it again at once.
+                log.info("attempt abandoned", extra=_ids(dispatch, event="provider.abandoned"))
             raise
         if isinstance(outcome, Completed):
             for n in range(1, outcome.repeat + 1):
@@ -403,11 +569,20 @@ class ProviderWorker:
     ) -> asyncio.Future[Any]:
         fields: dict[str, Any] = {}
         if isinstance(outcome, Completed):
+            raw_usage = outcome.raw_usage
+            try:
+                if raw_usage is not None:
+                    check_tree(raw_usage, RAW_USAGE, name="raw_usage")
+            except ValueError as exc:  # kept out, not fatal: the usage is estimated instead
+                log.warning(
+                    "raw usage dropped", extra={"event": "provider.usage_dropped", "why": str(exc)}
+                )
+                raw_usage = None
             fields = {
                 "output": Output(
                     text=outcome.output.text, finish_reason=outcome.output.finish_reason
                 ),
-                "raw_usage": outcome.raw_usage,
+                "raw_usage": raw_usage,
                 "usage_shape": outcome.usage_shape,
                 "latency_ms": outcome.latency_ms,
                 "model": outcome.model or dispatch.model,
@@ -426,9 +601,32 @@ class ProviderWorker:
             trace=dispatch.trace,
             **fields,
         )
+        value = encode(result)
+        if len(value) > self.settings.max_result_bytes:
+            # The job core reads no result over the limit: say why the attempt failed instead.
+            log.warning(
+                "answer over the result limit",
+                extra={"event": "provider.result_too_large", "bytes": len(value)},
+            )
+            result = result.model_copy(
+                update={
+                    "type": "failed",
+                    "output": None,
+                    "raw_usage": None,
+                    "usage_shape": None,
+                    "error": RawProviderError(
+                        kind="malformed",
+                        message=(
+                            f"the provider's answer is {len(value)} bytes as a result, over "
+                            f"CP_MAX_RESULT_BYTES ({self.settings.max_result_bytes})"
+                        ),
+                    ),
+                }
+            )
+            value = encode(result)
         headers = to_headers(dispatch.trace)
         future: asyncio.Future[Any] = await self.producer.send(
-            self.results_topic, value=encode(result), key=dispatch.job_id.encode(), headers=headers
+            self.results_topic, value=value, key=dispatch.job_id.encode(), headers=headers
         )
         return future
 
@@ -468,7 +666,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, worker.stopping.set)
+            loop.add_signal_handler(sig, worker.request_stop)
     runner = web.AppRunner(status_app(worker))
     await runner.setup()
     site = web.TCPSite(runner, settings.web_host, settings.provider_web_port)
@@ -492,8 +690,14 @@ def status_app(worker: ProviderWorker) -> web.Application:
 
     async def readyz(request: web.Request) -> web.Response:
         assigned = len(request.app[WORKER].consumer.assignment())
-        ready = assigned > 0
-        body = {"ready": ready, "partitions": assigned, "in_flight": len(worker.inflight)}
+        stopping = worker.stopping.is_set()
+        ready = assigned > 0 and not stopping
+        body = {
+            "ready": ready,
+            "partitions": assigned,
+            "in_flight": len(worker.inflight),
+            "stopping": stopping,
+        }
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:

@@ -41,12 +41,24 @@ class Settings(BaseSettings):
     provider_group_id: str = "prompt-gateway-providers"
     provider_timeout_s: float = 60.0
     provider_data_dir: Path = Path("var/workers/providers-1")
+    #: How long a stopping provider worker lets its calls in flight finish (below the 20 s that
+    #: `make run` waits for a worker to stop); calls still running then are left to the next one.
+    provider_shutdown_grace_s: float = 15.0
+    #: How long a handled idempotency key is kept: past cp.dispatch.* retention (7 days) plus the
+    #: age of a log segment (up to 7 days more), after which no dispatch can come back.
+    provider_handled_retention_s: float = 14 * 24 * 3600.0
     provider_web_port: int = 6067
     max_request_bytes: int = 900_000
+    #: A provider result on cp.results; bigger answers fail their attempt (`malformed_response`).
+    #: With it, every record the job core writes fits its topic (a row holds an answer twice).
+    max_result_bytes: int = 512_000
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+    #: Tests and `make chaos` only: a job whose request metadata has `cp_fault` set to a stage
+    #: name (`decide`, `after_write`) makes the job core raise there. Off in production.
+    fault_injection: bool = False
 
     def topic(self, name: str, *, prefixed: bool = True) -> str:
         """Return the real topic name of a logical name from topics.yaml."""
