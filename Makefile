@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install run demo test test-fast lint format kafka-up kafka-down kafka-reset kafka-status topics bench system-deps api-fuzz clean
+.PHONY: help install run demo test test-fast lint format kafka-up kafka-down kafka-reset kafka-status topics bench system-deps api-fuzz chaos clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,6 +63,9 @@ bench: $(STAMP) kafka-up ## Measure throughput, latency and memory; append to be
 
 api-fuzz: $(STAMP) kafka-up ## Fuzz the HTTP API of a fresh two-worker stack with schemathesis
 	$(PY) -m tests.api.fuzz $(FUZZ_ARGS)
+
+chaos: $(STAMP) kafka-up ## Run the fault battery on the real broker; append its table to tests/chaos/results.md
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 test-fast: $(STAMP) ## Unit and agent tests only (no broker)
 	$(PY) -m pytest tests/unit tests/agents $(PYTEST_ARGS)

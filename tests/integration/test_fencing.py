@@ -18,7 +18,6 @@ import os
 import signal
 import time
 import uuid
-from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,14 @@ import orjson
 import pytest
 
 from domain.ids import job_id_for
-from streams.topology import load_topology
-from tests.integration.test_crash import TERMINAL, Timelines, drain_and_check, read_to_end, report
+from tests.support.checks import (
+    TERMINAL,
+    Timelines,
+    attempt_targets,
+    drain_and_check,
+    read_to_end,
+    report,
+)
 from tests.support.stack import TopicReader, new_stack, produce, to_json
 from tests.support.workers import Worker, http_get
 
@@ -70,18 +75,6 @@ def cancels(tenant: str, round_no: int, count: int, every: int) -> list[bytes]:
         to_json({"type": "cancel", "tenant_id": tenant, "request_id": f"r{round_no}-{i}"})
         for i in range(0, count, every)
     ]
-
-
-async def attempt_targets(bootstrap: str, topic: Callable[[str], str], tenant: str) -> Counter[str]:
-    """Number of distinct providers each attempt id was dispatched to."""
-    targets: dict[str, set[str]] = defaultdict(set)
-    for spec in load_topology(Path("topics.yaml")).dispatch_topics().values():
-        async with TopicReader(bootstrap, topic(spec.name)) as reader:
-            await read_to_end(reader, quiet_polls=2)
-            for value in reader.values():
-                if value.get("type") == "dispatch" and value.get("tenant_id") == tenant:
-                    targets[value["attempt_id"]].add(f"{value['provider']}/{value['model']}")
-    return Counter({attempt: len(t) for attempt, t in targets.items()})
 
 
 def read_result(worker: Worker, job_id: str, key: str) -> tuple[int, dict[str, Any]]:

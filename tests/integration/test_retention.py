@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from domain.ids import job_id_for
-from tests.integration.test_crash import read_to_end
+from tests.support.checks import read_to_end
 from tests.support.stack import Stack, TopicReader, new_stack, produce, to_json
 from tests.support.workers import Worker, wait_for
 
