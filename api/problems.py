@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 PROBLEM_BASE = "https://prompt-gateway.dev/problems/"
+
+log = logging.getLogger(__name__)
 
 
 class Problem(Exception):
@@ -71,3 +76,47 @@ def json_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+#: Problem types of the errors aiohttp raises itself (routing, body reading).
+_HTTP_KINDS = {
+    400: "bad-request",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "request-too-large",
+}
+
+
+@web.middleware
+async def problem_documents(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error answered as problem+json: unknown routes and methods too, and a bug is a 500
+    problem document (logged with its traceback), never aiohttp's text/plain page."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        detail = {
+            404: f"no route {request.path}",
+            405: f"{request.method} is not allowed on {request.path}"
+            + (f"; use {headers['Allow']}" if "Allow" in headers else ""),
+        }.get(exc.status, exc.text or exc.reason)
+        return Problem(
+            exc.status,
+            _HTTP_KINDS.get(exc.status, "http-error"),
+            exc.reason,
+            detail,
+            headers=headers,
+        ).response()
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error in a view", extra={"event": "http.error"})
+        return Problem(
+            500, "internal", "Internal error", "the server failed; the error is logged"
+        ).response()

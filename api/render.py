@@ -7,8 +7,12 @@ from typing import Any
 from domain.job import Attempt, Job
 
 
-def _time(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
+def timestamp(value: Any) -> str | None:
+    """RFC 3339 in UTC with `Z`, as pydantic writes the final response and the events."""
+    if value is None:
+        return None
+    text: str = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def attempt_body(attempt: Attempt) -> dict[str, Any]:
@@ -18,9 +22,9 @@ def attempt_body(attempt: Attempt) -> dict[str, Any]:
         "provider": attempt.provider,
         "model": attempt.model,
         "state": attempt.status.value,
-        "dispatched_at": _time(attempt.dispatched_at),
-        "started_at": _time(attempt.started_at),
-        "finished_at": _time(attempt.finished_at),
+        "dispatched_at": timestamp(attempt.dispatched_at),
+        "started_at": timestamp(attempt.started_at),
+        "finished_at": timestamp(attempt.finished_at),
         "latency_ms": attempt.latency_ms,
         "error": attempt.error.model_dump(mode="json") if attempt.error else None,
         "cost": attempt.cost.model_dump(mode="json") if attempt.cost else None,
@@ -53,10 +57,10 @@ def status_body(job: Job) -> dict[str, Any]:
         "tenant_id": job.tenant_id,
         "state": job.status.value,
         "terminal": job.terminal,
-        "created_at": _time(job.created_at),
-        "updated_at": _time(job.updated_at),
-        "deadline_at": _time(job.deadline_at),
-        "transitions": {state: _time(at) for state, at in job.status_times.items()},
+        "created_at": timestamp(job.created_at),
+        "updated_at": timestamp(job.updated_at),
+        "deadline_at": timestamp(job.deadline_at),
+        "transitions": {state: timestamp(at) for state, at in job.status_times.items()},
         "attempts": [attempt_body(a) for a in job.attempts],
         "routing": routing,
         "error": job.final.error.model_dump(mode="json") if job.final and job.final.error else None,

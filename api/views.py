@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from api.auth import KeyRing, authenticate
 from api.openapi import openapi_document
 from api.problems import Problem, json_response, not_found, unavailable
-from api.render import accepted_body, events_body, status_body
+from api.render import accepted_body, events_body, status_body, timestamp
 from api.routing import forward, not_serving, owner
 from api.timeline import timeline_page
 from domain.codec import encode, field_errors
@@ -96,13 +96,13 @@ def gone(retired: RetiredJob) -> Problem:
         410,
         "job-retired",
         "Job retired",
-        f"job {retired.job_id} finished {retired.state} at {retired.finished_at.isoformat()} and "
-        f"left the store at {retired.retired_at.isoformat()} (CP_JOB_RETENTION_S); its final "
+        f"job {retired.job_id} finished {retired.state} at {timestamp(retired.finished_at)} and "
+        f"left the store at {timestamp(retired.retired_at)} (CP_JOB_RETENTION_S); its final "
         "response stays on cp.responses",
         job_id=retired.job_id,
         state=retired.state,
-        finished_at=retired.finished_at.isoformat(),
-        retired_at=retired.retired_at.isoformat(),
+        finished_at=timestamp(retired.finished_at),
+        retired_at=timestamp(retired.retired_at),
     )
 
 

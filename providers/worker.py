@@ -41,6 +41,7 @@ from prometheus_client import (
 from pydantic import ValidationError
 from rocksdict import Options, Rdict
 
+from api.problems import problem_documents
 from domain.catalogue import Catalogue, load_catalogue
 from domain.codec import DecodeError, encode, load_json, upcast
 from domain.limits import RAW_USAGE, check_tree
@@ -682,7 +683,7 @@ WORKER: web.AppKey[ProviderWorker] = web.AppKey("worker", ProviderWorker)
 
 def status_app(worker: ProviderWorker) -> web.Application:
     """Health and readiness of the provider worker (and, with observability, its metrics)."""
-    app = web.Application()
+    app = web.Application(middlewares=[problem_documents])
     app[WORKER] = worker
 
     async def healthz(request: web.Request) -> web.Response:

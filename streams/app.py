@@ -11,6 +11,7 @@ from faust.sensors.prometheus import setup_prometheus_sensors
 from mode import Service
 from prometheus_client import CollectorRegistry
 
+from api.problems import problem_documents
 from streams.core import JobCore
 from streams.logs import logging_config
 from streams.metrics import Metrics
@@ -54,6 +55,7 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
         web_tables_enabled=False,
         web_stats_enabled=False,
         web_graph_enabled=False,
+        web_application_options={"middlewares": [problem_documents]},
         table_standby_replicas=0,
         producer_max_request_size=2 * 1024 * 1024,
         producer_max_batch_size=1024 * 1024,

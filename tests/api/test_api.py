@@ -804,3 +804,53 @@ async def test_timeline_page_identical_through_both_workers(
         assert answers[0][0] == 200
         assert answers[0][1] == "text/html; charset=utf-8"
         assert answers[1] == answers[0], (path, answers[0][:3], answers[1][:3])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/no/such/route", 404),
+        ("POST", "/nothing-here", 404),
+        ("DELETE", "/jobs", 405),
+        ("PUT", "/providers", 405),
+        ("GET", "/jobs", 405),
+    ],
+)
+async def test_unknown_routes_and_methods_answer_problem_json(
+    http: aiohttp.ClientSession, api_stack: ApiStack, method: str, path: str, status: int
+) -> None:
+    """Before: aiohttp's own text/plain `404: Not Found` and `405: Method Not Allowed`."""
+    for url in api_stack.urls:
+        async with http.request(method, url + path, headers=bearer("key-a")) as response:
+            body = await problem(response, status)
+            if status == 405:
+                assert response.headers.get("Allow"), response.headers
+                assert method in body["detail"]
+
+
+async def test_every_timestamp_is_rfc3339_utc_with_z(
+    http: aiohttp.ClientSession, api_stack: ApiStack
+) -> None:
+    """Before: `+00:00` in GET /jobs/{id} but `Z` in /result and /events."""
+    job_id = await create(http, api_stack, job_request(rid("times"), {"sim-cheap": ["ok"]}))
+    await wait_state(http, api_stack, job_id, TERMINAL)
+    stamps: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            for key_, item in value.items():
+                if key_.endswith("_at") and isinstance(item, str):
+                    stamps.append(item)
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    for path in ("", "/result", "/events"):
+        status, body = await get_json(http, f"{api_stack.cp1}/jobs/{job_id}{path}")
+        assert status == 200, body
+        collect(body)
+        if path == "":
+            stamps.extend(body["transitions"].values())
+    assert len(stamps) > 10
+    assert all(stamp.endswith("Z") and "+00:00" not in stamp for stamp in stamps), stamps

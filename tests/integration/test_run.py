@@ -7,6 +7,7 @@ import contextlib
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
+from domain.ids import job_id_for
 from streams.admin import ensure_topics
 from streams.run import DEMO_JOBS
 from streams.settings import Settings
@@ -163,3 +166,49 @@ def test_sigint_stops_both_workers_and_exits_zero(
     assert code == 0, run.text()
     assert "both workers stopped" in run.text()
     assert all(gone(pid) for pid in pids), run.text()
+
+
+def readme_quick_start_blocks() -> list[str]:
+    """The shell blocks of the README's quick start that talk to a running system."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [block for block in blocks if "curl" in block]
+
+
+def test_the_readme_quick_start_runs_as_written(
+    run_env: dict[str, str], tmp_path: Path, runs: list[tuple[Run, list[int]]]
+) -> None:
+    """Before: the README's kcat example used a tenant `make run`'s key does not belong to."""
+    if shutil.which("kcat") is None or shutil.which("curl") is None:
+        pytest.skip("kcat and curl drive this test (make system-deps installs them)")
+    run = Run(run_env, tmp_path / "logs")
+    pids: list[int] = []
+    runs.append((run, pids))
+    pids.extend(int(p) for p in run.wait_for_line(PIDS, timeout=150).groups())
+    key = run.wait_for_line(re.compile(r"API key\s+(\S+)\s+\(tenant dev-tenant"), timeout=10)[1]
+    bootstrap = run_env["KAFKA_BOOTSTRAP_SERVERS"]
+    blocks = readme_quick_start_blocks()
+    assert len(blocks) == 2, blocks
+    outputs = []
+    for block in blocks:
+        # Only where the test's system runs differs from a fresh `make run`.
+        script = (
+            block.replace("http://127.0.0.1:6066", f"http://127.0.0.1:{run_env['CP_WEB_PORT']}")
+            .replace("-b 127.0.0.1:9092", f"-b {bootstrap}")
+            .replace("-t cp.intake", f"-t {run_env['CP_TOPIC_PREFIX']}cp.intake")
+        )
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            check=False,
+            env={**run_env, "KEY": key},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, (script, done.stdout, done.stderr)
+        outputs.append(done.stdout)
+    over_http = orjson.loads(outputs[0])
+    assert (over_http["state"], over_http["provider"]) == ("COMPLETED", "sim-fast"), over_http
+    via_kafka = orjson.loads(outputs[1])
+    assert via_kafka["job_id"] == job_id_for("dev-tenant", "r2"), via_kafka

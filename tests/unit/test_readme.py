@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import AliasChoices
 
+from domain.errors import ERROR_POLICY
 from domain.messages import JobRequest
 from streams.settings import Settings
 from streams.topology import load_topology
@@ -158,3 +159,12 @@ def test_the_quick_start_examples_validate() -> None:
     assert kafka and http, "the Quick start no longer shows a kcat and a curl example"
     assert JobRequest.model_validate(json.loads(kafka.group(1))).tenant_id is not None
     assert JobRequest.model_validate(json.loads(http.group(1))).tenant_id is None
+
+
+def test_the_canonical_error_codes_are_listed_with_their_flags() -> None:
+    section = README.split("## Canonical errors", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \| (yes|no) \| (yes|no) \|", section, re.M)
+    listed = {code: (retry == "yes", fallback == "yes") for code, retry, fallback in rows}
+    assert listed == {
+        code.value: (policy.retryable, policy.fallback) for code, policy in ERROR_POLICY.items()
+    }
