@@ -395,22 +395,7 @@ def _create(job: Job | None, command: CreateJob, ctx: Context) -> Decision:
     deadline = (
         command.at + timedelta(milliseconds=request.deadline_ms) if request.deadline_ms else None
     )
-    job = Job(
-        job_id=command.job_id,
-        tenant_id=command.tenant_id,
-        request_id=request.request_id,
-        fingerprint=command.fingerprint,
-        request=request,
-        trace=command.trace,
-        status=JobStatus.CREATED,
-        created_at=command.at,
-        updated_at=command.at,
-        deadline_at=deadline,
-        status_times={JobStatus.CREATED.value: command.at},
-        seen_commands=[command.command_id],
-    )
-    step = _Step(job, command.at, ctx)
-    step.event("created", request_id=request.request_id, source=command.source)
+    step = _created(command, deadline, ctx)
     decision = route(
         request, catalogue=ctx.catalogue, policy=ctx.policy, health=ctx.health, now=command.at
     )
@@ -433,6 +418,27 @@ def _create(job: Job | None, command: CreateJob, ctx: Context) -> Decision:
     assert chosen is not None
     step.dispatch(chosen, reason="initial")
     return Decision(job=step.job, outcome="created", publish=tuple(step.entries))
+
+
+def _created(command: CreateJob, deadline: datetime | None, ctx: Context) -> _Step:
+    """A step on the new job of `command`, its `created` event recorded."""
+    job = Job(
+        job_id=command.job_id,
+        tenant_id=command.tenant_id,
+        request_id=command.request.request_id,
+        fingerprint=command.fingerprint,
+        request=command.request,
+        trace=command.trace,
+        status=JobStatus.CREATED,
+        created_at=command.at,
+        updated_at=command.at,
+        deadline_at=deadline,
+        status_times={JobStatus.CREATED.value: command.at},
+        seen_commands=[command.command_id],
+    )
+    step = _Step(job, command.at, ctx)
+    step.event("created", request_id=command.request.request_id, source=command.source)
+    return step
 
 
 def _mark_published(job: Job, command: MarkPublished) -> Decision:
@@ -661,22 +667,7 @@ def fail_internal(job: Job | None, command: Command, ctx: Context, detail: str) 
                     f"no job {command.job_id} for a {command.kind} command",
                 ),
             )
-        job = Job(
-            job_id=command.job_id,
-            tenant_id=command.tenant_id,
-            request_id=command.request.request_id,
-            fingerprint=command.fingerprint,
-            request=command.request,
-            trace=command.trace,
-            status=JobStatus.CREATED,
-            created_at=command.at,
-            updated_at=command.at,
-            deadline_at=None,
-            status_times={JobStatus.CREATED.value: command.at},
-            seen_commands=[command.command_id],
-        )
-        step = _Step(job, command.at, ctx)
-        step.event("created", request_id=command.request.request_id, source=command.source)
+        step = _created(command, None, ctx)
     elif job.terminal:
         return Decision(job=job, outcome="noop")
     else:
