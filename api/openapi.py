@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from api.openai_openapi import openai_paths, openai_schemas
 from domain.messages import FinalResponse, JobEvent, JobRequest
 
 REF = "#/components/schemas/{model}"
@@ -124,6 +125,7 @@ def openapi_document() -> dict[str, Any]:
     schemas.update(
         Problem=_PROBLEM, Accepted=_ACCEPTED, JobStatusView=_STATUS, JobEventsView=_EVENTS
     )
+    schemas.update(openai_schemas())
     ref = REF.format
     read = _problems(401, 404, 422, 500, 503)
     return {
@@ -256,5 +258,6 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **openai_paths(),
         },
     }

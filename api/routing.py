@@ -10,6 +10,8 @@ from streams.app import app, core
 
 FORWARDED = "X-CP-Forwarded"
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+#: Headers of the owner's answer passed on to the client (the OpenAI front door's job headers too).
+_RELAYED = {"retry-after", "location", "x-job-id", "x-request-id", "x-should-retry"}
 
 
 def _ident(url: URL) -> tuple[str, int]:
@@ -62,11 +64,7 @@ async def forward(
             data=body or None,
             timeout=ClientTimeout(total=timeout_s),
         ) as response:
-            relay = {
-                k: v
-                for k, v in response.headers.items()
-                if k.lower() in ("retry-after", "location")
-            }
+            relay = {k: v for k, v in response.headers.items() if k.lower() in _RELAYED}
             return web.Response(
                 status=response.status,
                 body=await response.read(),

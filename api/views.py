@@ -429,6 +429,7 @@ class JobCancel(View):
             at=datetime.now(UTC),
             tenant_id=tenant,
             reason="cancelled by client",
+            source="http",
         )
         await (await send_command(job_id, encode(cancel)))
         return json_response(
@@ -454,6 +455,11 @@ class Providers(View):
                     "name": spec.name,
                     "kind": spec.kind,
                     "enabled": spec.enabled,
+                    "unavailable": (
+                        runtime.unavailable[spec.name].reason
+                        if spec.name in runtime.unavailable
+                        else None
+                    ),
                     "region": spec.region,
                     "models": [
                         {

@@ -27,7 +27,7 @@ from bench.profile import Profiler
 from bench.report import Header, Run, render
 from bench.scenarios import burst, open_loop, restart
 from streams.settings import Settings
-from streams.topology import load_topology
+from streams.topology import catalogue_topology, load_topology
 from tests.support.broker import kafka_broker
 from tests.support.stack import Stack, new_stack
 from tests.support.workers import ROOT
@@ -80,7 +80,7 @@ def git_commit() -> str:
 
 def counted_topics() -> list[str]:
     """Logical names of the topics whose records per job are counted, in table order."""
-    topology = load_topology(ROOT / "topics.yaml")
+    topology = catalogue_topology(ROOT / "topics.yaml", ROOT / "config" / "catalogue.yaml")
     dispatch = sorted(spec.name for spec in topology.dispatch_topics().values())
     return [
         "cp.intake",

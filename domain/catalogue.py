@@ -7,7 +7,8 @@ same way: the file, the dotted path of the offending field (with provider/model 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -49,6 +50,8 @@ class ModelSpec(_Frozen):
     max_output_tokens: int = Field(gt=0)
     prices: TokenPrices | None = None
     expected_latency_ms: int = Field(gt=0)
+    #: How long this model has to answer an attempt (overrides the provider's and the policy's).
+    attempt_timeout_ms: int | None = Field(default=None, ge=1000, le=600_000)
 
     @field_validator("capabilities")
     @classmethod
@@ -84,6 +87,8 @@ class ProviderSpec(_Frozen):
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     genai_provider_id: str | None = None
     simulation: SimulationProfile | None = None
+    #: How long this provider's models have to answer an attempt (overrides the policy's).
+    attempt_timeout_ms: int | None = Field(default=None, ge=1000, le=600_000)
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("models")
@@ -134,11 +139,81 @@ class Catalogue(_Frozen):
         spec = self.provider(provider)
         return None if spec is None else spec.model(model)
 
+    def attempt_timeout_ms(self, provider: str, model: str) -> tuple[int | None, str | None]:
+        """The catalogue's attempt timeout of a target and where it is set ("model",
+        "provider"), or (None, None) when the catalogue leaves it to the policy."""
+        spec = self.provider(provider)
+        found = None if spec is None else spec.model(model)
+        if found is not None and found.attempt_timeout_ms is not None:
+            return found.attempt_timeout_ms, "model"
+        if spec is not None and spec.attempt_timeout_ms is not None:
+            return spec.attempt_timeout_ms, "provider"
+        return None, None
+
     def targets(self) -> Iterator[tuple[ProviderSpec, ModelSpec]]:
         """Yield every (provider, model) pair in name order, enabled or not."""
         for spec in sorted(self.providers, key=lambda p: p.name):
             for model in sorted(spec.models, key=lambda m: m.name):
                 yield spec, model
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Why a catalogue provider cannot be routed to in this process (routing reason code)."""
+
+    reason_code: Literal["missing_credentials"]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedProviders:
+    """The catalogue as this process runs it: switched on from the environment, keys checked."""
+
+    catalogue: Catalogue
+    #: Enabled providers that cannot be routed to here, with why.
+    unavailable: dict[str, Unavailable]
+
+    def routable(self) -> list[str]:
+        """Names of the enabled providers routing may choose, in catalogue order."""
+        return [
+            p.name for p in self.catalogue.providers if p.enabled and p.name not in self.unavailable
+        ]
+
+
+def parse_provider_list(value: str) -> list[str]:
+    """Split a comma-separated list of provider names (blanks ignored)."""
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def resolve_providers(
+    catalogue: Catalogue, *, enable: Collection[str], env: Mapping[str, str]
+) -> ResolvedProviders:
+    """Switch on the providers named in `enable` and check every enabled provider's key.
+
+    `enable` names catalogue providers to run even when the catalogue says `enabled: false`
+    (the `CP_ENABLE_PROVIDERS` setting); a name the catalogue does not have is a ConfigError. An
+    enabled provider whose `api_key_env` variable is unset or empty in `env` stays listed but is
+    unavailable (`missing_credentials`): routing excludes it with that reason.
+    """
+    known = {p.name for p in catalogue.providers}
+    unknown = sorted(set(enable) - known)
+    if unknown:
+        raise ConfigError(
+            f"cannot enable {', '.join(unknown)}: not in catalogue {catalogue.version} "
+            f"(it has {', '.join(sorted(known))}); add the provider to the catalogue first"
+        )
+    providers = [
+        p.model_copy(update={"enabled": True}) if p.name in enable and not p.enabled else p
+        for p in catalogue.providers
+    ]
+    unavailable: dict[str, Unavailable] = {}
+    for spec in providers:
+        if spec.enabled and spec.api_key_env and not env.get(spec.api_key_env, "").strip():
+            unavailable[spec.name] = Unavailable(
+                "missing_credentials",
+                f"provider {spec.name} is enabled but ${spec.api_key_env} is not set",
+            )
+    return ResolvedProviders(catalogue.model_copy(update={"providers": providers}), unavailable)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

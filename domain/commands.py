@@ -55,6 +55,8 @@ class CancelJob(_Command):
     kind: Literal["cancel"] = "cancel"
     tenant_id: str | None = None
     reason: str = "cancelled by client"
+    #: Where the cancel came from (`http`, `kafka`); None in commands written before.
+    source: str | None = None
 
 
 class MarkPublished(_Command):

@@ -8,12 +8,14 @@ the same new state as the transition; the agent publishes them and marks them pu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from domain.catalogue import Catalogue
+from domain.catalogue import Catalogue, Unavailable
 from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
 from domain.errors import CanonicalError, ErrorCode, canonical_error
 from domain.health import ProviderHealth, effective_circuit
@@ -22,17 +24,22 @@ from domain.job import MAX_IGNORED_EVENTS, SEEN_COMMANDS, Attempt, Job, OutboxEn
 from domain.lifecycle import AttemptStatus, JobStatus, can_transition
 from domain.messages import (
     AttemptCost,
+    ExcludedTarget,
     FinalResponse,
     JobCost,
     JobEvent,
+    JobOutcome,
+    OutcomeReason,
     Output,
     ProviderResult,
+    UntriedTarget,
 )
+from domain.money import Cost
 from domain.policy import RoutingPolicy
 from domain.pricing import price_usage, total_cost
 from domain.provider_errors import map_provider_error
-from domain.routing import RoutingDecision, Target, route
-from domain.usage import normalize_usage
+from domain.routing import ExcludedCandidate, RoutingDecision, Target, route
+from domain.usage import Usage, normalize_usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +49,8 @@ class Context:
     catalogue: Catalogue
     policy: RoutingPolicy
     health: Mapping[str, ProviderHealth] = field(default_factory=dict)
+    #: Enabled providers this process cannot route to (no API key), with why.
+    unavailable: Mapping[str, Unavailable] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +91,8 @@ class _Step:
         self.ctx = ctx
         self.entries: list[OutboxEntry] = []
         self.observations: list[Observation] = []
+        #: Plan targets passed over in this step (open circuit, no credentials), with why.
+        self.skipped: list[UntriedTarget] = []
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -145,7 +156,8 @@ class _Step:
         attempt_no = len(self.job.attempts) + 1
         attempt_id = attempt_id_for(self.job.job_id, attempt_no)
         on_provider = sum(1 for a in self.job.attempts if a.provider == target.provider) + 1
-        timeout = timedelta(milliseconds=policy.attempt_timeout_ms)
+        timeout_ms, timeout_source = self.attempt_timeout(target)
+        timeout = timedelta(milliseconds=timeout_ms)
         attempt = Attempt(
             attempt_id=attempt_id,
             attempt_no=attempt_no,
@@ -161,6 +173,7 @@ class _Step:
                 if policy.start_timeout_ms
                 else None
             ),
+            timeout_ms=timeout_ms,
         )
         self.update(attempts=[*self.job.attempts, attempt], retry_at=None, retry_target=None)
         self.transition(JobStatus.DISPATCHED)
@@ -174,14 +187,46 @@ class _Step:
             provider_attempt_no=on_provider,
             idempotency_key=idempotency_key(self.job.job_id, attempt_id),
             reason=reason,
+            timeout_ms=timeout_ms,
+            timeout_source=timeout_source,
         )
+
+    def attempt_timeout(self, target: Target) -> tuple[int, str]:
+        """How long `target` has to answer an attempt, and where that comes from.
+
+        The request's `attempt_timeout_ms` wins, then the catalogue's model, then its provider,
+        then the policy; the job's deadline caps it (source `deadline`): an answer after the
+        deadline is of no use.
+        """
+        timeout_ms: int | None = self.job.request.attempt_timeout_ms
+        source: str | None = "request"
+        if timeout_ms is None:
+            timeout_ms, source = self.ctx.catalogue.attempt_timeout_ms(
+                target.provider, target.model
+            )
+        if timeout_ms is None or source is None:
+            timeout_ms, source = self.ctx.policy.attempt_timeout_ms, "policy"
+        deadline = self.job.deadline_at
+        if deadline is not None:
+            left = math.ceil((deadline - self.at).total_seconds() * 1000)
+            if 0 < left < timeout_ms:
+                return left, "deadline"
+        return timeout_ms, source
 
     def cancel_live_attempt(self, reason: str) -> None:
         current = self.job.current
         if current is None or not current.status.live:
             return
+        started = "running" if current.status is AttemptStatus.STARTED else "dispatched"
+        cost = _unknown_cost(
+            self.ctx,
+            current,
+            f"cancelled while {started}: the provider may have billed tokens never reported",
+        )
         self.replace_attempt(
-            current.model_copy(update={"status": AttemptStatus.CANCELLED, "finished_at": self.at})
+            current.model_copy(
+                update={"status": AttemptStatus.CANCELLED, "finished_at": self.at, "cost": cost}
+            )
         )
         self.tell_provider_to_drop(current, reason)
 
@@ -194,10 +239,34 @@ class _Step:
             reason=reason,
         )
 
-    def finish(self, status: JobStatus, *, error: CanonicalError | None = None) -> None:
+    def finish(
+        self,
+        status: JobStatus,
+        *,
+        error: CanonicalError | None = None,
+        reason: OutcomeReason,
+        detail: str,
+        cancelled_by: str | None = None,
+        excluded: list[ExcludedCandidate] | None = None,
+    ) -> None:
         self.transition(status)
+        untried = [] if status is JobStatus.COMPLETED else self.untried(reason)
         self.update(retry_at=None, retry_target=None)
-        final = self.final_response(error)
+        outcome = JobOutcome(
+            reason=reason,
+            detail=detail,
+            attempts_used=len(self.job.attempts),
+            attempts_allowed=self.ctx.policy.retry.max_attempts_per_job,
+            untried_targets=untried,
+            excluded=[
+                ExcludedTarget(
+                    provider=e.provider, model=e.model, reason_code=e.reason_code, reason=e.reason
+                )
+                for e in excluded or ()
+            ],
+            cancelled_by=cancelled_by,
+        )
+        final = self.final_response(error, outcome)
         self.update(final=final)
         kind = {
             JobStatus.COMPLETED: "completed",
@@ -206,25 +275,49 @@ class _Step:
             JobStatus.EXPIRED: "expired",
         }[status]
         current = self.job.current
-        data: dict[str, Any] = {"attempts": len(self.job.attempts)}
+        data: dict[str, Any] = {"attempts": len(self.job.attempts), "reason": reason}
         if final.provider is not None:
             data.update(provider=final.provider, model=final.model)
         if error is not None:
             data["error"] = error.model_dump(mode="json")
         if final.cost.total is not None:
             data["cost"] = final.cost.total.model_dump(mode="json")
+        data["outcome"] = outcome.model_dump(mode="json")
         self.event(kind, attempt_id=current.attempt_id if current else None, **data)
         self.outbox("r", "responses")
 
-    def final_response(self, error: CanonicalError | None) -> FinalResponse:
+    def untried(self, reason: str) -> list[UntriedTarget]:
+        """Targets of the plan no attempt went to: those passed over, then the rest of the plan."""
+        seen = {(t.provider, t.model) for t in self.skipped}
+        rest = [
+            UntriedTarget(provider=t.provider, model=t.model, reason=reason)
+            for t in self.job.plan
+            if (t.provider, t.model) not in seen
+        ]
+        return [*self.skipped, *rest]
+
+    def final_response(self, error: CanonicalError | None, outcome: JobOutcome) -> FinalResponse:
         job = self.job
         winner = next((a for a in job.attempts if a.status is AttemptStatus.COMPLETED), None)
         last = winner or job.current
         billed = [
-            AttemptCost(attempt_id=a.attempt_id, provider=a.provider, model=a.model, cost=a.cost)
+            AttemptCost(
+                attempt_id=a.attempt_id,
+                provider=a.provider,
+                model=a.model,
+                cost=a.cost
+                or Cost(amount=None, estimated=True, reason="no cost was recorded for it"),
+                status=a.status.value,
+            )
             for a in job.attempts
-            if a.cost is not None
         ]
+        total = (
+            total_cost([b.cost for b in billed])
+            if billed
+            else Cost(
+                amount=Decimal(0), estimated=False, reason="no attempt was made: nothing billed"
+            )
+        )
         return FinalResponse(
             job_id=job.job_id,
             request_id=job.request_id,
@@ -234,12 +327,13 @@ class _Step:
             provider=last.provider if last else None,
             model=last.model if last else None,
             usage=winner.usage if winner else None,
-            cost=JobCost(total=total_cost([b.cost for b in billed]), attempts=billed),
+            cost=JobCost(total=total, attempts=billed),
             error=error,
             attempts=len(job.attempts),
             created_at=job.created_at,
             finished_at=self.at,
             metadata=job.request.metadata,
+            outcome=outcome,
         )
 
     def after_failure(self, attempt: Attempt, error: CanonicalError) -> None:
@@ -247,18 +341,26 @@ class _Step:
         retry = self.ctx.policy.retry
         action = self.ctx.policy.action_for(error.code)
         deadline = self.job.deadline_at
+        last = f"{error.code.value} from {attempt.provider}/{attempt.model}"
         if deadline is not None and self.at >= deadline:
+            message = f"deadline passed while {attempt.provider} failed with {error.code.value}"
             self.finish(
                 JobStatus.EXPIRED,
-                error=canonical_error(
-                    ErrorCode.DEADLINE_EXCEEDED,
-                    f"deadline passed while {attempt.provider} failed with {error.code.value}",
-                ),
+                error=canonical_error(ErrorCode.DEADLINE_EXCEEDED, message),
+                reason="deadline",
+                detail=f"the job's deadline of {self.job.request.deadline_ms} ms passed; "
+                f"last attempt: {last}",
             )
             return
         used = len(self.job.attempts)
         if used >= retry.max_attempts_per_job:
-            self.finish(JobStatus.FAILED, error=error)
+            self.finish(
+                JobStatus.FAILED,
+                error=error,
+                reason="attempt_budget_exhausted",
+                detail=f"all {used} of {retry.max_attempts_per_job} attempts the policy allows "
+                f"a job were used; last: {last}",
+            )
             return
         on_target = sum(1 for a in self.job.attempts if a.provider == attempt.provider)
         if action == "retry" and on_target < retry.max_attempts_per_provider:
@@ -296,10 +398,25 @@ class _Step:
                 )
                 self.dispatch(target, reason=f"fallback after {error.code.value}")
                 return
-        self.finish(JobStatus.FAILED, error=error)
+            self.finish(
+                JobStatus.FAILED,
+                error=error,
+                reason="targets_exhausted",
+                detail=f"no target of the plan is left to try after {used} of "
+                f"{retry.max_attempts_per_job} attempts (at most "
+                f"{retry.max_attempts_per_provider} per provider); last: {last}",
+            )
+            return
+        self.finish(
+            JobStatus.FAILED,
+            error=error,
+            reason="non_retryable_error",
+            detail=f"{last} is neither retried nor fallen back from (policy action: {action})",
+        )
 
     def next_in_plan(self) -> tuple[Target | None, list[dict[str, str]]]:
-        """Take the next fallback target whose circuit is not open; say which were skipped."""
+        """Take the next fallback target whose circuit is not open and that can be routed to
+        here (it has credentials); say which were skipped."""
         plan = list(self.job.plan)
         skipped: list[dict[str, str]] = []
         while plan:
@@ -308,8 +425,13 @@ class _Step:
             circuit = (
                 effective_circuit(health, self.at, self.ctx.policy.circuit) if health else "closed"
             )
-            if circuit == "open":
-                skipped.append({**target.model_dump(), "reason": "circuit_open"})
+            unavailable = self.ctx.unavailable.get(target.provider)
+            why = "circuit_open" if circuit == "open" else unavailable and unavailable.reason_code
+            if why:
+                skipped.append({**target.model_dump(), "reason": why})
+                self.skipped.append(
+                    UntriedTarget(provider=target.provider, model=target.model, reason=why)
+                )
                 continue
             self.update(plan=plan)
             return target, skipped
@@ -397,7 +519,12 @@ def _create(job: Job | None, command: CreateJob, ctx: Context) -> Decision:
     )
     step = _created(command, deadline, ctx)
     decision = route(
-        request, catalogue=ctx.catalogue, policy=ctx.policy, health=ctx.health, now=command.at
+        request,
+        catalogue=ctx.catalogue,
+        policy=ctx.policy,
+        health=ctx.health,
+        now=command.at,
+        unavailable=ctx.unavailable,
     )
     if decision.chosen is None:
         step.update(decisions=[decision])
@@ -405,13 +532,15 @@ def _create(job: Job | None, command: CreateJob, ctx: Context) -> Decision:
             "routed", reason="initial", chosen=None, decision=decision.model_dump(mode="json")
         )
         reasons = sorted({e.reason_code for e in decision.excluded})
+        message = "no provider and model satisfies the request's constraints" + (
+            f" (excluded: {', '.join(reasons)})" if reasons else ""
+        )
         step.finish(
             JobStatus.FAILED,
-            error=canonical_error(
-                ErrorCode.NO_ELIGIBLE_TARGET,
-                "no provider and model satisfies the request's constraints"
-                + (f" (excluded: {', '.join(reasons)})" if reasons else ""),
-            ),
+            error=canonical_error(ErrorCode.NO_ELIGIBLE_TARGET, message),
+            reason="no_eligible_target",
+            detail=f"{message}; every excluded target is listed with its reason",
+            excluded=decision.excluded,
         )
         return Decision(job=step.job, outcome="failed", publish=tuple(step.entries))
     chosen = step.routed(decision, reason="initial")
@@ -520,7 +649,7 @@ def _result(step: _Step, result: ProviderResult) -> str:
                     # The provider's time to answer counts from when it started the call.
                     "timeout_at": max(
                         attempt.timeout_at,
-                        step.at + timedelta(milliseconds=step.ctx.policy.attempt_timeout_ms),
+                        step.at + timedelta(milliseconds=_timeout_ms(step.ctx, attempt)),
                     ),
                 }
             )
@@ -542,7 +671,8 @@ def _result(step: _Step, result: ProviderResult) -> str:
         )
     else:
         error = map_provider_error(raw, provider_kind=attempt.provider_kind, now=step.at)
-    _attempt_failed(step, attempt, error, AttemptStatus.FAILED, latency)
+    cost = _failure_cost(step, attempt, error, result)
+    _attempt_failed(step, attempt, error, AttemptStatus.FAILED, latency, cost=cost)
     return "attempt_failed"
 
 
@@ -552,20 +682,9 @@ def _complete(step: _Step, attempt: Attempt, result: ProviderResult, latency: in
         result.raw_usage,
         shape=result.usage_shape,
         prompt_text=step.job.request.prompt_text(),
-        output_text=output.text,
+        output_text=output.generated_text(),
     )
-    catalogue = step.ctx.catalogue
-    spec = catalogue.provider(attempt.provider)
-    model = catalogue.model(attempt.provider, attempt.model)
-    cost = price_usage(
-        usage,
-        provider=attempt.provider,
-        model=result.model or attempt.model,
-        catalogue_prices=model.prices if model else None,
-        genai_provider_id=spec.genai_provider_id if spec else None,
-        at=step.at,
-        catalogue_version=catalogue.version,
-    )
+    cost = _price(step, attempt, usage, result.model or attempt.model)
     step.replace_attempt(
         attempt.model_copy(
             update={
@@ -579,14 +698,106 @@ def _complete(step: _Step, attempt: Attempt, result: ProviderResult, latency: in
         )
     )
     step.observations.append(Observation(attempt.provider, True, latency, step.at))
-    step.finish(JobStatus.COMPLETED)
+    step.finish(
+        JobStatus.COMPLETED,
+        reason="completed",
+        detail=f"answered by {attempt.provider}/{result.model or attempt.model} on attempt "
+        f"{attempt.attempt_no} of {step.ctx.policy.retry.max_attempts_per_job} allowed",
+    )
+
+
+def _price(step: _Step, attempt: Attempt, usage: Usage, model_name: str) -> Cost:
+    catalogue = step.ctx.catalogue
+    spec = catalogue.provider(attempt.provider)
+    model = catalogue.model(attempt.provider, attempt.model)
+    return price_usage(
+        usage,
+        provider=attempt.provider,
+        model=model_name,
+        catalogue_prices=model.prices if model else None,
+        genai_provider_id=spec.genai_provider_id if spec else None,
+        at=step.at,
+        catalogue_version=catalogue.version,
+    )
+
+
+def _timeout_ms(ctx: Context, attempt: Attempt) -> int:
+    """The attempt's answer time (rows written before it was recorded: the policy's)."""
+    return attempt.timeout_ms or ctx.policy.attempt_timeout_ms
+
+
+def _currency(ctx: Context, attempt: Attempt) -> str:
+    model = ctx.catalogue.model(attempt.provider, attempt.model)
+    return model.prices.currency if model and model.prices else "USD"
+
+
+def _unknown_cost(ctx: Context, attempt: Attempt, reason: str) -> Cost:
+    return Cost(amount=None, currency=_currency(ctx, attempt), estimated=True, reason=reason)
+
+
+def _zero_cost(ctx: Context, attempt: Attempt, reason: str) -> Cost:
+    return Cost(amount=Decimal(0), currency=_currency(ctx, attempt), estimated=False, reason=reason)
+
+
+#: Failures after which the provider may have run (and billed) the call without telling us.
+_MAY_HAVE_RUN = frozenset(
+    {
+        ErrorCode.TIMEOUT,
+        ErrorCode.CONNECTION_ERROR,
+        ErrorCode.MALFORMED_RESPONSE,
+        ErrorCode.CONTENT_FILTERED,
+    }
+)
+
+
+def _failure_cost(
+    step: _Step, attempt: Attempt, error: CanonicalError, result: ProviderResult | None
+) -> Cost:
+    """What a failed attempt cost: priced from usage the failure reported, else zero when the
+    provider refused the call, else unknown (it may have run without telling us)."""
+    if result is not None and result.raw_usage:
+        usage = normalize_usage(
+            result.raw_usage,
+            shape=result.usage_shape,
+            prompt_text=step.job.request.prompt_text(),
+            output_text="",
+        )
+        cost = _price(step, attempt, usage, result.model or attempt.model)
+        note = f"priced from the usage {attempt.provider} reported with its {error.code.value}"
+        return cost.model_copy(
+            update={"estimated": True, "reason": "; ".join(filter(None, [note, cost.reason]))}
+        )
+    if error.code in _MAY_HAVE_RUN:
+        return _unknown_cost(
+            step.ctx,
+            attempt,
+            f"unknown: after {error.code.value} the provider may have billed tokens "
+            "it never reported",
+        )
+    return _zero_cost(
+        step.ctx,
+        attempt,
+        f"nothing billed: {attempt.provider} answered {error.code.value} and reported no usage",
+    )
 
 
 def _attempt_failed(
-    step: _Step, attempt: Attempt, error: CanonicalError, status: AttemptStatus, latency: int
+    step: _Step,
+    attempt: Attempt,
+    error: CanonicalError,
+    status: AttemptStatus,
+    latency: int,
+    *,
+    cost: Cost,
 ) -> None:
     failed = attempt.model_copy(
-        update={"status": status, "finished_at": step.at, "error": error, "latency_ms": latency}
+        update={
+            "status": status,
+            "finished_at": step.at,
+            "error": error,
+            "latency_ms": latency,
+            "cost": cost,
+        }
     )
     step.replace_attempt(failed)
     step.observations.append(Observation(attempt.provider, False, latency, step.at))
@@ -607,12 +818,12 @@ def _tick(step: _Step) -> str:
     at = step.at
     if job.deadline_at is not None and at >= job.deadline_at:
         step.cancel_live_attempt("job deadline passed")
+        message = f"job not final within its deadline of {job.request.deadline_ms} ms"
         step.finish(
             JobStatus.EXPIRED,
-            error=canonical_error(
-                ErrorCode.DEADLINE_EXCEEDED,
-                f"job not final within its deadline of {job.request.deadline_ms} ms",
-            ),
+            error=canonical_error(ErrorCode.DEADLINE_EXCEEDED, message),
+            reason="deadline",
+            detail=message,
         )
         return "expired"
     current = job.current
@@ -630,10 +841,16 @@ def _tick(step: _Step) -> str:
                 f"{current.provider} did not start the attempt within {policy.start_timeout_ms} ms"
             )
         else:
-            message = f"no answer from {current.provider} within {policy.attempt_timeout_ms} ms"
+            timeout_ms = _timeout_ms(step.ctx, current)
+            message = f"no answer from {current.provider} within {timeout_ms} ms"
         error = canonical_error(ErrorCode.TIMEOUT, message)
         latency = int((at - current.dispatched_at).total_seconds() * 1000)
-        _attempt_failed(step, current, error, AttemptStatus.TIMED_OUT, latency)
+        if current.waiting_to_start:
+            why = "it may have run without reporting it started, and billed tokens"
+        else:
+            why = "the provider may have billed tokens it never reported"
+        cost = _unknown_cost(step.ctx, current, f"unknown: timed out; {why}")
+        _attempt_failed(step, current, error, AttemptStatus.TIMED_OUT, latency, cost=cost)
         return "attempt_timed_out"
     return "noop"
 
@@ -644,7 +861,16 @@ def _cancel(step: _Step, command: CancelJob) -> str:
         step.ignored("cancel_ignored", reason=command.reason, job_state=job.status.value)
         return "cancel_ignored"
     step.cancel_live_attempt(command.reason)
-    step.finish(JobStatus.CANCELLED, error=canonical_error(ErrorCode.CANCELLED, command.reason))
+    by = f"tenant {command.tenant_id}" if command.tenant_id else "a producer"
+    if command.source:
+        by += f" via {command.source}"
+    step.finish(
+        JobStatus.CANCELLED,
+        error=canonical_error(ErrorCode.CANCELLED, command.reason),
+        reason="cancelled",
+        detail=f"cancelled by {by}: {command.reason}",
+        cancelled_by=by,
+    )
     return "cancelled"
 
 
@@ -674,11 +900,53 @@ def fail_internal(job: Job | None, command: Command, ctx: Context, detail: str) 
         step = _Step(job, command.at, ctx)
         step.cancel_live_attempt("the job failed inside the control plane")
         step.update(seen_commands=[*job.seen_commands, command.command_id][-SEEN_COMMANDS:])
+    message = f"the control plane could not apply a {command.kind} command to this job: {detail}"
     step.finish(
         JobStatus.FAILED,
-        error=canonical_error(
-            ErrorCode.INTERNAL,
-            f"the control plane could not apply a {command.kind} command to this job: {detail}",
-        ),
+        error=canonical_error(ErrorCode.INTERNAL, message),
+        reason="internal",
+        detail=message,
     )
     return Decision(job=step.job, outcome="failed", publish=tuple(step.entries))
+
+
+def fail_undeliverable(
+    job: Job, undeliverable: Mapping[str, str], ctx: Context, at: datetime
+) -> Decision | None:
+    """Fail at once every attempt whose dispatch cannot be sent, and fall back as usual.
+
+    `undeliverable` maps a provider to why its dispatch queue cannot take records (no topic on
+    the broker, not in the catalogue). Each such dispatch leaves the outbox and its attempt fails
+    with the canonical `dispatch_failed` (nothing billed: it was never sent), so the job moves on
+    to the next target or ends, instead of a record nobody can send being tried again and again.
+    A provider cancel to such a queue is dropped: there is nothing there to cancel. None when
+    the job's outbox holds nothing undeliverable.
+    """
+    step = _Step(job, at, ctx)
+    changed = False
+    while True:
+        entry = next(
+            (
+                e
+                for e in step.job.outbox
+                if e.topic in ("dispatch", "provider_cancel") and e.provider in undeliverable
+            ),
+            None,
+        )
+        if entry is None:
+            break
+        changed = True
+        step.update(outbox=[e for e in step.job.outbox if e.entry_id != entry.entry_id])
+        attempt = step.job.attempt(entry.attempt_id or "")
+        if entry.topic != "dispatch" or attempt is None or not attempt.status.live:
+            continue
+        provider = attempt.provider
+        error = canonical_error(
+            ErrorCode.DISPATCH_FAILED,
+            f"the dispatch to {provider} could not be sent: {undeliverable[provider]}",
+        )
+        cost = _zero_cost(ctx, attempt, "nothing billed: the dispatch was never sent")
+        _attempt_failed(step, attempt, error, AttemptStatus.FAILED, 0, cost=cost)
+    if not changed:
+        return None
+    return Decision(job=step.job, outcome="dispatch_failed", publish=tuple(step.entries))

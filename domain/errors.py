@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    DISPATCH_FAILED = "dispatch_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,9 @@ ERROR_POLICY: dict[ErrorCode, ErrorPolicy] = {
     ErrorCode.CANCELLED: ErrorPolicy(retryable=False, fallback=False),
     # The control plane could not apply a command to the job (a bug, or an injected fault).
     ErrorCode.INTERNAL: ErrorPolicy(retryable=False, fallback=False),
+    # The attempt's dispatch could not be sent (no dispatch topic for its provider): the same
+    # target would fail the same way, another provider may not.
+    ErrorCode.DISPATCH_FAILED: ErrorPolicy(retryable=False, fallback=True),
 }
 
 

@@ -47,6 +47,9 @@ class Attempt(_Frozen):
     result_event_ids: list[str] = Field(default_factory=list)
     #: When a dispatched attempt that has not started times out (policy `start_timeout_ms`).
     start_by: datetime | None = None
+    #: How long the provider has to answer once it started the attempt (request, model, provider
+    #: or policy, capped by the job's deadline); None in rows written before: the policy's.
+    timeout_ms: int | None = None
 
     @property
     def waiting_to_start(self) -> bool:

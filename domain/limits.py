@@ -38,6 +38,12 @@ METADATA = TreeLimits(
 RAW_USAGE = TreeLimits(
     max_depth=8, max_nodes=500, max_key_chars=128, max_string_chars=1_024, max_bytes=16_384
 )
+#: A JSON Schema in a request: a tool's `parameters`, a `json_schema` response format's `schema`.
+#: Deeper than metadata (schemas nest `properties`/`items` pairs); the whole request still has to
+#: fit `CP_MAX_REQUEST_BYTES`.
+TOOL_SCHEMA = TreeLimits(
+    max_depth=32, max_nodes=4_000, max_key_chars=256, max_string_chars=16_384, max_bytes=65_536
+)
 
 
 def check_tree(value: Any, limits: TreeLimits, *, name: str) -> Any:

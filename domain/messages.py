@@ -22,8 +22,20 @@ from pydantic import (
     model_validator,
 )
 
+from domain.chat import (
+    CANONICAL_FINISH_REASONS,
+    ContentPart,
+    FinishReason,
+    ImagePart,
+    ResponseFormat,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    normalize_finish_reason,
+)
 from domain.errors import CanonicalError, ErrorCode
-from domain.limits import METADATA, RAW_USAGE, check_tree
+from domain.limits import INT_MAX, INT_MIN, METADATA, RAW_USAGE, check_tree
 from domain.money import Cost, Money
 from domain.usage import Usage
 
@@ -45,8 +57,12 @@ RawUsage = Annotated[
     dict[str, Any], AfterValidator(lambda value: check_tree(value, RAW_USAGE, name="raw_usage"))
 ]
 
+#: A model pin: "<provider>/<model>", or "<model>" for any provider serving that model.
+ModelPin = Annotated[str, Field(min_length=1, max_length=193, pattern=r"^[A-Za-z0-9._:@/\-]+$")]
+StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
+
 #: Outcomes a simulated provider understands besides the canonical error codes.
-SIMULATED_OUTCOMES = frozenset({"ok", "hang", "duplicate"})
+SIMULATED_OUTCOMES = frozenset({"ok", "hang", "duplicate", "tool_call"})
 
 
 class Message(BaseModel):
@@ -54,8 +70,52 @@ class Message(BaseModel):
 
 
 class ChatMessage(Message):
+    """One message of a conversation: text, or content parts (text and images, user only).
+
+    A `tool` message answers the assistant's tool call named by `tool_call_id` (providers need
+    it); an `assistant` message may carry the `tool_calls` it made (its `content` then may be "").
+    """
+
     role: Role
-    content: str = Field(max_length=2_000_000)
+    content: (
+        Annotated[str, Field(max_length=2_000_000)]
+        | Annotated[list[ContentPart], Field(min_length=1, max_length=256)]
+    )
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> ChatMessage:
+        # A tool message without tool_call_id is the form accepted before tool calls existed
+        # (stored requests must still read): Anthropic gets it as user text, OpenAI refuses it.
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only a tool message has tool_call_id")
+        if self.tool_calls is not None:
+            if self.role != "assistant":
+                raise ValueError("only an assistant message has tool_calls")
+            for call in self.tool_calls:
+                try:
+                    arguments = orjson.loads(call.function.arguments)
+                except orjson.JSONDecodeError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise ValueError(
+                        f"tool call {call.id}: arguments must be a JSON object as text"
+                    )
+        if self.role != "user" and self.images():
+            raise ValueError("only a user message can have image parts")
+        return self
+
+    def text(self) -> str:
+        """The message's text: its content, or its text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def images(self) -> list[ImagePart]:
+        if isinstance(self.content, str):
+            return []
+        return [p for p in self.content if isinstance(p, ImagePart)]
 
 
 class ProviderFilter(Message):
@@ -101,6 +161,23 @@ class Simulate(Message):
         return value
 
 
+#: Optional JobRequest fields added after its first release: left out of the fingerprint when
+#: unset, so a request re-sent after an upgrade is still the same job.
+ADDED_FIELDS = (
+    "attempt_timeout_ms",
+    "model",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "stop",
+    "top_p",
+    "seed",
+    "user",
+)
+#: The same for the optional fields ChatMessage gained.
+ADDED_MESSAGE_FIELDS = ("tool_call_id", "tool_calls")
+
+
 class JobRequest(Message):
     """A canonical prompt job, as producers put it on `cp.intake` or POST it."""
 
@@ -114,16 +191,54 @@ class JobRequest(Message):
     constraints: Constraints = Field(default_factory=Constraints)
     preference: Preference = "balanced"
     deadline_ms: int | None = Field(default=None, gt=0, le=7 * 24 * 3600 * 1000)
+    attempt_timeout_ms: int | None = Field(default=None, ge=1000, le=600_000)
     metadata: Metadata = Field(default_factory=dict)
     simulate: Simulate | None = None
+    #: Pin: one target, or targets to try in this order (still subject to the constraints).
+    model: ModelPin | Annotated[list[ModelPin], Field(min_length=1, max_length=16)] | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    stop: StopSequence | Annotated[list[StopSequence], Field(min_length=1, max_length=4)] | None = (
+        None
+    )
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=INT_MIN, le=INT_MAX)
+    user: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> JobRequest:
+        names = [tool.function.name for tool in self.tools or ()]
+        dupes = sorted({name for name in names if names.count(name) > 1})
+        if dupes:
+            raise ValueError(f"tool names must be unique: {', '.join(dupes)}")
+        if self.tool_choice is not None and not names:
+            raise ValueError("tool_choice needs tools")
+        if not isinstance(self.tool_choice, str | None):
+            wanted = self.tool_choice.function.name
+            if wanted not in names:
+                raise ValueError(f"tool_choice names {wanted!r}, which is not among the tools")
+        return self
+
+    def pins(self) -> list[str]:
+        """The model pin as an ordered list without repeats (empty when nothing is pinned)."""
+        pins = [self.model] if isinstance(self.model, str) else list(self.model or ())
+        return list(dict.fromkeys(pins))
 
     def fingerprint(self) -> str:
         """Hash of the payload: the same request_id with another fingerprint is a conflict."""
-        body = self.model_dump(mode="json", exclude={"schema_version"})
+        # Fields added after v1 count only when set: an unchanged request keeps its fingerprint.
+        unset = {name for name in ADDED_FIELDS if getattr(self, name) is None}
+        body = self.model_dump(mode="json", exclude={"schema_version", *unset})
+        for message in body["messages"]:
+            for name in ADDED_MESSAGE_FIELDS:
+                if message.get(name, ...) is None:
+                    del message[name]
         return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     def prompt_text(self) -> str:
-        return "\n".join(m.content for m in self.messages)
+        """The text of every message (text parts only): what token estimates are made from."""
+        return "\n".join(m.text() for m in self.messages)
 
 
 class CancelRequest(Message):
@@ -151,8 +266,37 @@ class TraceContext(Message):
 
 
 class Output(Message):
+    """A provider's answer in one shape for every provider.
+
+    `text` may be "" when the answer is only tool calls (`finish_reason` "tool_calls") or a
+    refusal (`refusal` set, `finish_reason` "content_filter"). `provider_finish_reason` keeps
+    what the provider said (OpenAI `finish_reason`, Anthropic `stop_reason`).
+    """
+
     text: str
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
+    provider_finish_reason: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    refusal: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_finish_reason(cls, data: Any) -> Any:
+        """Read a raw provider reason (as written before the vocabulary) as its canonical one."""
+        if isinstance(data, dict):
+            raw = data.get("finish_reason")
+            if isinstance(raw, str) and raw not in CANONICAL_FINISH_REASONS:
+                data = {
+                    **data,
+                    "finish_reason": normalize_finish_reason(raw),
+                    "provider_finish_reason": data.get("provider_finish_reason") or raw[:64],
+                }
+        return data
+
+    def generated_text(self) -> str:
+        """Everything the model generated as text (answer, refusal, tool calls): usage estimates."""
+        calls = "".join(c.function.name + c.function.arguments for c in self.tool_calls)
+        return self.text + (self.refusal or "") + calls
 
 
 class Dispatch(Message):
@@ -221,11 +365,56 @@ class AttemptCost(Message):
     provider: str
     model: str
     cost: Cost
+    #: The attempt's final state (COMPLETED, FAILED, TIMED_OUT, CANCELLED); absent in older records.
+    status: str | None = None
 
 
 class JobCost(Message):
+    """Every attempt's cost (zero, priced, estimated or unknown, each saying why) and their sum."""
+
     total: Cost | None
     attempts: list[AttemptCost] = Field(default_factory=list)
+
+
+OutcomeReason = Literal[
+    "completed",
+    "attempt_budget_exhausted",
+    "targets_exhausted",
+    "non_retryable_error",
+    "no_eligible_target",
+    "deadline",
+    "cancelled",
+    "internal",
+]
+
+
+class UntriedTarget(Message):
+    """A target of the job's routing plan that no attempt went to, and why."""
+
+    provider: str
+    model: str
+    reason: str
+
+
+class ExcludedTarget(Message):
+    """A (provider, model) routing ruled out, with the routing reason code."""
+
+    provider: str
+    model: str
+    reason_code: str
+    reason: str
+
+
+class JobOutcome(Message):
+    """Why a job ended as it did, in words a client can act on."""
+
+    reason: OutcomeReason
+    detail: str
+    attempts_used: int = Field(ge=0)
+    attempts_allowed: int = Field(ge=0)
+    untried_targets: list[UntriedTarget] = Field(default_factory=list)
+    excluded: list[ExcludedTarget] = Field(default_factory=list)
+    cancelled_by: str | None = None
 
 
 class FinalResponse(Message):
@@ -246,6 +435,8 @@ class FinalResponse(Message):
     created_at: datetime
     finished_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: Why the job ended (absent in responses written before it existed).
+    outcome: JobOutcome | None = None
 
 
 class JobEvent(Message):

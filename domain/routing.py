@@ -18,6 +18,19 @@ weights of the request's preference, rounded to 6 decimals; candidates are ranke
 descending, then by (provider, model) name. `chosen` is the best; `fallback_plan` lists the best
 model of each *other* provider in rank order (so every fallback really changes provider), cut so
 that 1 + len(plan) <= retry.max_attempts_per_job.
+
+Capabilities: a target must have every capability the request needs, those it names in
+`constraints.capabilities` and those its content implies (`domain.requirements`: tools, image
+parts, a JSON response format); the exclusion reason names what is missing and why it is needed.
+The decision records them as `required_capabilities`.
+
+Pins: a request's `model` ("<provider>/<model>", or "<model>" for every provider serving it, or an
+ordered list of these) limits the candidates to the targets it names; every other catalogue target
+is excluded as `not_pinned`, and a pin no catalogue target answers to is listed as
+`not_in_catalogue` (provider "*" when the pin names no provider). Pinned targets still go through
+every hard constraint. The order is the pin's: `chosen` is the first eligible target of the first
+pin entry that has one, the plan the following eligible pinned targets (same provider or not),
+targets of one entry in score order; the decision records the pin as `pin`.
 """
 
 from __future__ import annotations
@@ -30,11 +43,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from domain.catalogue import Catalogue, ModelSpec, ProviderSpec
+from domain.catalogue import Catalogue, ModelSpec, ProviderSpec, Unavailable
 from domain.health import ProviderHealth, effective_circuit
 from domain.messages import JobRequest, Preference
 from domain.money import Money, TokenPrices
 from domain.policy import RoutingPolicy
+from domain.requirements import requirement_sources
 from domain.usage import estimate_tokens
 
 #: Reliability multiplier of a half-open provider: allowed as a probe but ranked lower.
@@ -43,7 +57,9 @@ _MTOK = Decimal(1_000_000)
 
 ReasonCode = Literal[
     "disabled",
+    "missing_credentials",
     "excluded",
+    "not_pinned",
     "provider_not_allowed",
     "provider_denied",
     "capability_missing",
@@ -54,6 +70,8 @@ ReasonCode = Literal[
     "currency_mismatch",
     "over_budget",
     "too_slow",
+    # Not a check on a catalogue target: a pinned target the catalogue does not have.
+    "not_in_catalogue",
 ]
 
 
@@ -109,6 +127,10 @@ class RoutingDecision(_Frozen):
     health: dict[str, ProviderHealth]
     chosen: Target | None
     fallback_plan: list[Target]
+    #: The request's model pin as a list (None when it pins nothing).
+    pin: list[str] | None = None
+    #: Every capability a target had to have (domain.requirements), sorted.
+    required_capabilities: list[str] = []
 
     def targets(self) -> list[Target]:
         """Return the chosen target followed by the fallback plan."""
@@ -147,21 +169,31 @@ def _check(
     health: ProviderHealth | None,
     now: datetime,
     exclude: frozenset[tuple[str, str]],
+    unavailable: Unavailable | None = None,
+    needs: Mapping[str, list[str]] | None = None,
+    pins: list[str] | None = None,
 ) -> tuple[ReasonCode, str] | _Eligible:
     """Apply the hard constraints to one target: the first failing one, or the eligible values."""
     constraints = request.constraints
     if not provider.enabled:
         return "disabled", f"provider {provider.name} is disabled in the catalogue"
+    if unavailable is not None:
+        return unavailable.reason_code, unavailable.reason
     if (provider.name, model.name) in exclude:
         return "excluded", "excluded by the caller (already tried or failed)"
+    if pins and not any(_pinned(pin, provider.name, model.name) for pin in pins):
+        return "not_pinned", f"not among the request's pinned targets: {', '.join(pins)}"
     allow = constraints.providers.allow
     if allow is not None and provider.name not in allow:
         return "provider_not_allowed", f"provider {provider.name} is not in the allow list"
     if provider.name in constraints.providers.deny:
         return "provider_denied", f"provider {provider.name} is in the deny list"
-    missing = model.supports(constraints.capabilities)
+    needs = needs if needs is not None else requirement_sources(request)
+    missing = model.supports(list(needs))
     if missing:
-        return "capability_missing", f"model lacks capabilities: {', '.join(missing)}"
+        return "capability_missing", "model lacks capabilities: " + ", ".join(
+            f"{c} (needed by {' and '.join(needs[c])})" for c in missing
+        )
     if (
         request.max_output_tokens is not None
         and request.max_output_tokens > model.max_output_tokens
@@ -282,6 +314,46 @@ def _score(
     return scored
 
 
+def _pinned(pin: str, provider: str, model: str) -> bool:
+    """Tell whether a pin names a target: "<provider>/<model>", or the model's own name."""
+    return pin in (model, f"{provider}/{model}")
+
+
+def _unknown_pins(pins: list[str], catalogue: Catalogue) -> list[ExcludedCandidate]:
+    """The pins no catalogue target answers to, as excluded candidates."""
+    targets = [(p.name, m.name) for p, m in catalogue.targets()]
+    unknown = []
+    for pin in pins:
+        if any(_pinned(pin, p, m) for p, m in targets):
+            continue
+        provider, slash, model = pin.partition("/")
+        if slash and catalogue.provider(provider) is not None:
+            reason = f"provider {provider} has no model {model} in the catalogue"
+        else:
+            provider, model = "*", pin
+            reason = f"no provider in the catalogue serves a model {pin}"
+        unknown.append(
+            ExcludedCandidate(
+                provider=provider, model=model, reason_code="not_in_catalogue", reason=reason
+            )
+        )
+    return unknown
+
+
+def _pinned_plan(
+    ranked: list[ScoredCandidate], pins: list[str], max_attempts: int
+) -> tuple[Target | None, list[Target]]:
+    """Order the eligible targets by pin entry (by score within one), within the attempt budget."""
+    order: list[Target] = []
+    for pin in pins:
+        for c in ranked:
+            target = Target(provider=c.provider, model=c.model)
+            if _pinned(pin, c.provider, c.model) and target not in order:
+                order.append(target)
+    order = order[:max_attempts]
+    return (order[0], order[1:]) if order else (None, [])
+
+
 def _plan(ranked: list[ScoredCandidate], max_attempts: int) -> tuple[Target | None, list[Target]]:
     """Pick the best target and the best model of each other provider, within the attempt budget."""
     if not ranked:
@@ -307,12 +379,15 @@ def route(
     health: Mapping[str, ProviderHealth],
     now: datetime,
     exclude: Collection[tuple[str, str]] = (),
+    unavailable: Mapping[str, Unavailable] | None = None,
 ) -> RoutingDecision:
     """Decide where a job goes and where it falls back to; same inputs give the same decision."""
     if now.tzinfo is None:
         raise ValueError("route needs an aware datetime")
     prompt_tokens = estimate_tokens(request.prompt_text())
     excluded_set = frozenset((str(p), str(m)) for p, m in exclude)
+    needs = requirement_sources(request)
+    pins = request.pins()
     eligible: list[_Eligible] = []
     excluded: list[ExcludedCandidate] = []
     for provider, model in catalogue.targets():
@@ -325,6 +400,9 @@ def route(
             health=health.get(provider.name),
             now=now,
             exclude=excluded_set,
+            unavailable=(unavailable or {}).get(provider.name),
+            needs=needs,
+            pins=pins,
         )
         if isinstance(verdict, _Eligible):
             eligible.append(verdict)
@@ -335,8 +413,12 @@ def route(
                     provider=provider.name, model=model.name, reason_code=code, reason=reason
                 )
             )
+    excluded.extend(_unknown_pins(pins, catalogue))
     ranked = _score(request, policy, eligible)
-    chosen, plan = _plan(ranked, policy.retry.max_attempts_per_job)
+    if pins:
+        chosen, plan = _pinned_plan(ranked, pins, policy.retry.max_attempts_per_job)
+    else:
+        chosen, plan = _plan(ranked, policy.retry.max_attempts_per_job)
     names = sorted(p.name for p in catalogue.providers)
     used_health = {name: health[name] for name in names if name in health}
     return RoutingDecision(
@@ -349,4 +431,6 @@ def route(
         health=used_health,
         chosen=chosen,
         fallback_plan=plan,
+        pin=pins or None,
+        required_capabilities=list(needs),
     )

@@ -2,6 +2,29 @@
 
 The SDK's own retries are off (`max_retries=0`): the control plane is the only retry loop, so one
 `call` makes exactly one HTTP request.
+
+How the canonical (Chat Completions shaped) request maps to `messages.create`:
+
+- system messages are joined into `system`; a `tool` message becomes a `tool_result` block of a
+  user turn (consecutive results share one turn); an assistant's `tool_calls` become `tool_use`
+  blocks (arguments parsed back into `input`); a tool message without `tool_call_id` goes as user
+  text.
+- image parts become `image` blocks: an https URL as a `url` source, a data URL as `base64`
+  (`detail` has no equivalent and is dropped).
+- `tools` become `{name, description, input_schema}`; `tool_choice` "auto" → `{"type": "auto"}`,
+  "required" → `{"type": "any"}`, "none" → `{"type": "none"}`, a function → `{"type": "tool",
+  "name": ...}`.
+- `response_format` `json_schema` → `output_config.format` (Anthropic's structured outputs);
+  `json_object` has no native form: an instruction to answer with one JSON object is appended to
+  `system`. Routing sends either only to models with the `json_mode` capability, which the shipped
+  catalogue does not give Anthropic's models.
+- `stop` → `stop_sequences`, `user` → `metadata.user_id`; `temperature` and `top_p` only when the
+  provider's models accept sampling parameters (`send_temperature`); `seed` has no equivalent and
+  is dropped.
+
+The answer: text blocks joined into `text`, `tool_use` blocks into `tool_calls` (input as JSON
+text), `stop_reason` normalized (end_turn and stop_sequence → stop, max_tokens → length, tool_use
+→ tool_calls, refusal → content_filter with the answer's text as `refusal`).
 """
 
 from __future__ import annotations
@@ -10,10 +33,25 @@ import time
 from typing import Any, cast
 
 import anthropic
-from anthropic import AsyncAnthropic, omit
-from anthropic.types import Message, MessageParam, Usage
+import orjson
+from anthropic import AsyncAnthropic, Omit, omit
+from anthropic.types import (
+    Message,
+    MessageParam,
+    MetadataParam,
+    OutputConfigParam,
+    ToolChoiceParam,
+    ToolParam,
+    Usage,
+)
 
-from domain.messages import Dispatch, Output
+from domain.chat import (
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    TextPart,
+    parse_data_url,
+)
+from domain.messages import ChatMessage, Dispatch, JobRequest
 from providers.base import (
     Completed,
     Failed,
@@ -22,6 +60,7 @@ from providers.base import (
     describe_with_cause,
     elapsed_ms,
     is_token_count,
+    normalized_output,
     parsed_outcome,
     raw_error,
     response_text,
@@ -29,6 +68,10 @@ from providers.base import (
 
 #: Anthropic accepts temperatures in [0, 1]; canonical requests allow up to 2.
 MAX_TEMPERATURE = 1.0
+#: Appended to `system` for `response_format: json_object`, which Anthropic has no mode for.
+JSON_OBJECT_INSTRUCTION = "Answer with a single JSON object and nothing else."
+#: The `refusal` of a refused answer that has no text.
+REFUSED = "the provider refused to answer (stop_reason: refusal)"
 
 
 class AnthropicProvider:
@@ -64,21 +107,19 @@ class AnthropicProvider:
         """Send one Messages request and map whatever comes back to an outcome."""
         check_dispatch(self.name, self._closed, dispatch)
         request = dispatch.request
-        system = "\n\n".join(m.content for m in request.messages if m.role == "system")
-        # Anthropic has no "tool" role outside tool_result blocks: pass tool output as user text.
-        messages = [
-            cast(
-                "MessageParam",
-                {"role": "assistant" if m.role == "assistant" else "user", "content": m.content},
-            )
-            for m in request.messages
-            if m.role != "system"
-        ]
-        # SDK 1.x+ dropped `temperature` (newer models reject it with a 400); send it only when
-        # this provider's models still accept it, through the request body.
+        system_parts = [m.text() for m in request.messages if m.role == "system"]
+        if isinstance(request.response_format, ResponseFormatJsonObject):
+            system_parts.append(JSON_OBJECT_INSTRUCTION)
+        system = "\n\n".join(system_parts)
+        messages = _messages(request)
+        # SDK 1.x+ dropped `temperature` and `top_p` (newer models reject them with a 400); send
+        # them only when this provider's models still accept them, through the request body.
         extra_body: dict[str, Any] = {}
         if self._send_temperature and request.temperature is not None:
             extra_body["temperature"] = min(request.temperature, MAX_TEMPERATURE)
+        if self._send_temperature and request.top_p is not None:
+            extra_body["top_p"] = request.top_p
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop
         started = time.monotonic()
         try:
             raw = await self._client.messages.with_raw_response.create(
@@ -86,6 +127,13 @@ class AnthropicProvider:
                 messages=messages,
                 max_tokens=request.max_output_tokens or self._default_max_output_tokens,
                 system=system or omit,
+                tools=_tools(request),
+                tool_choice=_tool_choice(request),
+                output_config=_output_config(request),
+                stop_sequences=stop if stop is not None else omit,
+                metadata=(
+                    MetadataParam(user_id=request.user) if request.user is not None else omit
+                ),
                 extra_body=extra_body or None,
             )
         except anthropic.APIStatusError as exc:
@@ -131,6 +179,94 @@ class AnthropicProvider:
         await self._client.close()
 
 
+def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
+    """A message's content as Anthropic takes it: the text, or text and image blocks."""
+    if isinstance(message.content, str):
+        return message.content
+    blocks: list[dict[str, Any]] = []
+    for part in message.content:
+        if isinstance(part, TextPart):
+            blocks.append({"type": "text", "text": part.text})
+            continue
+        url = part.image_url.url
+        inline = parse_data_url(url)
+        source = (
+            {"type": "url", "url": url}
+            if inline is None
+            else {"type": "base64", "media_type": inline[0], "data": inline[1]}
+        )
+        blocks.append({"type": "image", "source": source})
+    return blocks
+
+
+def _messages(request: JobRequest) -> list[MessageParam]:
+    """The conversation without its system messages, in Anthropic's user/assistant turns."""
+    turns: list[dict[str, Any]] = []
+    for m in request.messages:
+        if m.role == "system":
+            continue
+        if m.role == "tool" and m.tool_call_id is not None:
+            result = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": _content(m)}
+            last = turns[-1] if turns else None
+            if last is not None and last["role"] == "user" and last.get("tool_results"):
+                last["content"].append(result)
+            else:
+                turns.append({"role": "user", "content": [result], "tool_results": True})
+            continue
+        content = _content(m)
+        if m.role == "assistant" and m.tool_calls:
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            content = [b for b in blocks if b.get("text") != ""] + [
+                {
+                    "type": "tool_use",
+                    "id": call.id,
+                    "name": call.function.name,
+                    "input": orjson.loads(call.function.arguments),
+                }
+                for call in m.tool_calls
+            ]
+        # Anthropic has no "tool" role outside tool_result blocks: a tool message without the
+        # call it answers goes as user text.
+        turns.append({"role": "assistant" if m.role == "assistant" else "user", "content": content})
+    return [cast("MessageParam", {"role": t["role"], "content": t["content"]}) for t in turns]
+
+
+def _tools(request: JobRequest) -> list[ToolParam] | Omit:
+    if not request.tools:
+        return omit
+    tools: list[ToolParam] = []
+    for tool in request.tools:
+        function = tool.function
+        param = ToolParam(
+            name=function.name,
+            input_schema=function.parameters or {"type": "object", "properties": {}},
+        )
+        if function.description is not None:
+            param["description"] = function.description
+        tools.append(param)
+    return tools
+
+
+def _tool_choice(request: JobRequest) -> ToolChoiceParam | Omit:
+    choice = request.tool_choice
+    if choice is None:
+        return omit
+    if choice == "auto":
+        return {"type": "auto"}
+    if choice == "required":
+        return {"type": "any"}
+    if choice == "none":
+        return {"type": "none"}
+    return {"type": "tool", "name": choice.function.name}
+
+
+def _output_config(request: JobRequest) -> OutputConfigParam | Omit:
+    if isinstance(request.response_format, ResponseFormatJsonSchema):
+        schema = request.response_format.json_schema.schema_
+        return {"format": {"type": "json_schema", "schema": schema}}
+    return omit
+
+
 def _completed(parsed: object, latency_ms: int, *, fallback_model: str) -> Completed | str:
     """Turn a parsed 200 answer into `Completed`, or say why it is malformed."""
     if not isinstance(parsed, Message):
@@ -139,9 +275,17 @@ def _completed(parsed: object, latency_ms: int, *, fallback_model: str) -> Compl
     if not isinstance(content, list):
         return "response has no content list"
     texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
     for block in content:
-        if getattr(block, "type", None) != "text":
-            continue  # thinking, tool_use and other blocks carry no answer text
+        kind = getattr(block, "type", None)
+        if kind == "tool_use":
+            call = _tool_call(block)
+            if isinstance(call, str):
+                return call
+            tool_calls.append(call)
+            continue
+        if kind != "text":
+            continue  # thinking and other blocks carry no answer
         text: object = getattr(block, "text", None)
         if not isinstance(text, str):
             return "a text block has no string text"
@@ -149,6 +293,15 @@ def _completed(parsed: object, latency_ms: int, *, fallback_model: str) -> Compl
     stop_reason: object = parsed.stop_reason
     if stop_reason is not None and not isinstance(stop_reason, str):
         return "stop_reason is not a string"
+    answer = "".join(texts)
+    refusal = None
+    if stop_reason == "refusal":
+        answer, refusal = "", answer or REFUSED
+    output = normalized_output(
+        text=answer, provider_finish_reason=stop_reason, tool_calls=tool_calls, refusal=refusal
+    )
+    if isinstance(output, str):
+        return output
     usage: object = parsed.usage
     raw_usage: dict[str, Any] | None = None
     if usage is not None:
@@ -159,12 +312,28 @@ def _completed(parsed: object, latency_ms: int, *, fallback_model: str) -> Compl
         raw_usage = usage.model_dump(mode="json", warnings=False)
     model: object = parsed.model
     return Completed(
-        output=Output(text="".join(texts), finish_reason=stop_reason),
+        output=output,
         raw_usage=raw_usage,
         usage_shape="anthropic",
         latency_ms=latency_ms,
         model=model if isinstance(model, str) and model else fallback_model,
     )
+
+
+def _tool_call(block: object) -> dict[str, Any] | str:
+    """A `tool_use` block as a canonical tool call (input as JSON text), or why it is malformed."""
+    call_id: object = getattr(block, "id", None)
+    name: object = getattr(block, "name", None)
+    arguments: object = getattr(block, "input", None)
+    if not isinstance(call_id, str) or not isinstance(name, str):
+        return "a tool_use block has no string id and name"
+    if not isinstance(arguments, dict):
+        return "a tool_use block's input is not an object"
+    try:
+        text = orjson.dumps(arguments).decode()
+    except TypeError as exc:
+        return f"a tool_use block's input is not JSON: {exc}"
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
 
 
 def _status_failure(exc: anthropic.APIStatusError, latency_ms: int) -> Failed:

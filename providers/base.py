@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from pydantic import ValidationError
+
+from domain.chat import ToolCall, normalize_finish_reason
 from domain.messages import Dispatch, Output, RawProviderError
 
 ErrorKind = Literal["http", "timeout", "connection", "malformed", "simulated"]
@@ -149,6 +152,40 @@ def describe_with_cause(exc: BaseException) -> str:
 def is_token_count(*values: object) -> bool:
     """Tell whether every value is a non-negative int (and not a bool)."""
     return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
+def normalized_output(
+    *,
+    text: str,
+    provider_finish_reason: str | None,
+    tool_calls: list[dict[str, Any]] | None = None,
+    refusal: str | None = None,
+) -> Output | str:
+    """Build the one answer shape of every provider, or say why the answer cannot be one.
+
+    `finish_reason` is the canonical one of the provider's reason (kept as
+    `provider_finish_reason`); a refusal always finishes as "content_filter", tool calls as
+    "tool_calls" when the provider gave no reason.
+    """
+    finish = normalize_finish_reason(provider_finish_reason)
+    if refusal is not None:
+        finish = "content_filter"
+    elif finish is None and tool_calls and provider_finish_reason is None:
+        finish = "tool_calls"
+    try:
+        return Output(
+            text=text,
+            finish_reason=finish,
+            provider_finish_reason=truncate_utf8(provider_finish_reason, 64)
+            if provider_finish_reason is not None
+            else None,
+            tool_calls=[ToolCall.model_validate(call) for call in tool_calls or ()],
+            refusal=refusal,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "output"
+        return f"answer does not fit the canonical output: {where}: {first['msg']}"
 
 
 def parsed_outcome(

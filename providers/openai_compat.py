@@ -2,6 +2,12 @@
 
 The SDK's own retries are off (`max_retries=0`): the control plane is the only retry loop, so one
 `call` makes exactly one HTTP request.
+
+The canonical request is Chat Completions' own shape, so it maps one to one: messages (text or
+content parts, tool calls, tool results), `tools`, `tool_choice`, `response_format`, `stop`,
+`top_p`, `seed` and `user` go to `chat.completions.create` as they are. `constraints.capabilities`
+only routes: `json_mode` there does not set `response_format` (the request's `response_format`
+does). The answer's text, tool calls, refusal and finish reason come back as one `Output`.
 """
 
 from __future__ import annotations
@@ -10,11 +16,18 @@ import time
 from typing import Any, Literal, cast
 
 import openai
-from openai import AsyncOpenAI, omit
+from openai import AsyncOpenAI, Omit, omit
 from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletion, ChatCompletionMessage, ChatCompletionMessageParam
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionMessage,
+    ChatCompletionMessageParam,
+    ChatCompletionToolChoiceOptionParam,
+    ChatCompletionToolUnionParam,
+)
+from openai.types.chat.completion_create_params import ResponseFormat
 
-from domain.messages import Dispatch, Output
+from domain.messages import ChatMessage, Dispatch, JobRequest
 from providers.base import (
     Completed,
     Failed,
@@ -23,13 +36,11 @@ from providers.base import (
     describe_with_cause,
     elapsed_ms,
     is_token_count,
+    normalized_output,
     parsed_outcome,
     raw_error,
     response_text,
 )
-
-#: Capability that asks for `response_format={"type": "json_object"}`.
-JSON_MODE = "json_mode"
 
 MaxTokensParam = Literal["max_tokens", "max_completion_tokens"]
 
@@ -67,12 +78,9 @@ class OpenAICompatibleProvider:
         """Send one chat completion request and map whatever comes back to an outcome."""
         check_dispatch(self.name, self._closed, dispatch)
         request = dispatch.request
-        messages = [
-            cast("ChatCompletionMessageParam", {"role": m.role, "content": m.content})
-            for m in request.messages
-        ]
+        messages = [_message(m) for m in request.messages]
         limit = request.max_output_tokens or self._default_max_output_tokens
-        json_mode = JSON_MODE in request.constraints.capabilities
+        tools, tool_choice, response_format = _tool_params(request)
         started = time.monotonic()
         try:
             raw = await self._client.chat.completions.with_raw_response.create(
@@ -83,7 +91,13 @@ class OpenAICompatibleProvider:
                     limit if limit and self._max_tokens_param == "max_completion_tokens" else omit
                 ),
                 temperature=request.temperature if request.temperature is not None else omit,
-                response_format={"type": "json_object"} if json_mode else omit,
+                tools=tools,
+                tool_choice=tool_choice,
+                response_format=response_format,
+                stop=request.stop if request.stop is not None else omit,
+                top_p=request.top_p if request.top_p is not None else omit,
+                seed=request.seed if request.seed is not None else omit,
+                user=request.user if request.user is not None else omit,
             )
         except openai.APIStatusError as exc:
             return _status_failure(exc, elapsed_ms(started))
@@ -128,6 +142,70 @@ class OpenAICompatibleProvider:
         await self._client.close()
 
 
+def _message(message: ChatMessage) -> ChatCompletionMessageParam:
+    """A canonical message as Chat Completions takes it (the same shape, None fields left out)."""
+    body: dict[str, Any] = message.model_dump(mode="json", exclude_none=True)
+    if message.tool_calls and message.content == "":
+        body["content"] = None  # an assistant turn that only called tools
+    return cast("ChatCompletionMessageParam", body)
+
+
+def _tool_params(
+    request: JobRequest,
+) -> tuple[
+    list[ChatCompletionToolUnionParam] | Omit,
+    ChatCompletionToolChoiceOptionParam | Omit,
+    ResponseFormat | Omit,
+]:
+    """`tools`, `tool_choice` and `response_format` of the request, each omitted when unset."""
+    tools: list[ChatCompletionToolUnionParam] | Omit = omit
+    if request.tools:
+        tools = [
+            cast("ChatCompletionToolUnionParam", t.model_dump(mode="json", exclude_none=True))
+            for t in request.tools
+        ]
+    choice: ChatCompletionToolChoiceOptionParam | Omit = omit
+    if isinstance(request.tool_choice, str):
+        choice = request.tool_choice
+    elif request.tool_choice is not None:
+        choice = cast(
+            "ChatCompletionToolChoiceOptionParam", request.tool_choice.model_dump(mode="json")
+        )
+    response_format: ResponseFormat | Omit = omit
+    if request.response_format is not None:
+        response_format = cast(
+            "ResponseFormat", request.response_format.model_dump(mode="json", exclude_none=True)
+        )
+    return tools, choice, response_format
+
+
+def _tool_calls(message: ChatCompletionMessage) -> list[dict[str, Any]] | str:
+    """The function tool calls of an answer as canonical dicts, or why they are malformed."""
+    calls: list[dict[str, Any]] = []
+    raw_calls: object = message.tool_calls
+    if raw_calls is None:
+        return calls
+    if not isinstance(raw_calls, list):
+        return "choices[0].message.tool_calls is not a list"
+    for index, call in enumerate(raw_calls):
+        function: object = getattr(call, "function", None)
+        name: object = getattr(function, "name", None)
+        arguments: object = getattr(function, "arguments", None)
+        if getattr(call, "type", None) != "function" or not isinstance(name, str):
+            return f"tool_calls[{index}] is not a function call"
+        if not isinstance(arguments, str):
+            return f"tool_calls[{index}].function.arguments is not a string"
+        call_id: object = getattr(call, "id", None)
+        calls.append(
+            {
+                "id": call_id if isinstance(call_id, str) and call_id else f"call_{index}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return calls
+
+
 def _completed(parsed: object, latency_ms: int, *, fallback_model: str) -> Completed | str:
     """Turn a parsed 200 answer into `Completed`, or say why it is malformed."""
     if not isinstance(parsed, ChatCompletion):
@@ -144,6 +222,20 @@ def _completed(parsed: object, latency_ms: int, *, fallback_model: str) -> Compl
     finish_reason: object = getattr(choices[0], "finish_reason", None)
     if finish_reason is not None and not isinstance(finish_reason, str):
         return "choices[0].finish_reason is not a string"
+    refusal: object = message.refusal
+    if refusal is not None and not isinstance(refusal, str):
+        return "choices[0].message.refusal is not a string"
+    tool_calls = _tool_calls(message)
+    if isinstance(tool_calls, str):
+        return tool_calls
+    output = normalized_output(
+        text=content or "",
+        provider_finish_reason=finish_reason,
+        tool_calls=tool_calls,
+        refusal=refusal,
+    )
+    if isinstance(output, str):
+        return output
     usage: object = parsed.usage
     raw_usage: dict[str, Any] | None = None
     if usage is not None:
@@ -154,7 +246,7 @@ def _completed(parsed: object, latency_ms: int, *, fallback_model: str) -> Compl
         raw_usage = usage.model_dump(mode="json", warnings=False)
     model: object = parsed.model
     return Completed(
-        output=Output(text=content or "", finish_reason=finish_reason),
+        output=output,
         raw_usage=raw_usage,
         usage_shape="openai_chat",
         latency_ms=latency_ms,

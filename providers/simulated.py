@@ -4,6 +4,12 @@ A request's `simulate.outcomes[<provider>]` scripts the attempts on this provide
 the n-th outcome, the last one repeating. Without a script the provider answers "ok", or fails with
 the profile's error code at the profile's error rate. Every random choice is drawn from a hash of
 (seed, provider name, idempotency key), so re-delivering the same dispatch gives the same answer.
+
+Answers follow the request like a real model's would, without a network: with tools and
+`tool_choice` "required" or a named function (or the scripted outcome `tool_call` and any tools),
+the answer is one call of that function (else the first tool) with arguments made up from its
+schema, `finish_reason` "tool_calls" and no text; with `response_format` `json_object` or
+`json_schema` the text is a JSON object (following the schema); otherwise it echoes the prompt.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from domain.chat import ResponseFormatJsonObject, ResponseFormatJsonSchema, Tool
 from domain.errors import ErrorCode
-from domain.messages import Dispatch, Output, Simulate
+from domain.messages import Dispatch, JobRequest, Output, Simulate
 from domain.usage import estimate_tokens
 from providers.base import (
     Completed,
@@ -108,9 +117,13 @@ class SimulatedProvider:
             return NoAnswer()
 
         await asyncio.sleep(self._latency_ms(simulate, profile, dice) / 1000)
-        if outcome in ("ok", "duplicate"):
+        if outcome in ("ok", "duplicate", "tool_call"):
             return self._completed(
-                dispatch, simulate, started, repeat=2 if outcome == "duplicate" else 1
+                dispatch,
+                simulate,
+                started,
+                repeat=2 if outcome == "duplicate" else 1,
+                call_tool=outcome == "tool_call",
             )
         return Failed(
             error=raw_error(
@@ -147,10 +160,19 @@ class SimulatedProvider:
                 await self._closing.wait()
 
     def _completed(
-        self, dispatch: Dispatch, simulate: Simulate | None, started: float, *, repeat: int
+        self,
+        dispatch: Dispatch,
+        simulate: Simulate | None,
+        started: float,
+        *,
+        repeat: int,
+        call_tool: bool = False,
     ) -> Completed:
-        prompt = dispatch.request.prompt_text()
-        text = f"simulated answer from {self.name}/{dispatch.model} to: {prompt[:ECHO_CHARS]}"
+        request = dispatch.request
+        prompt = request.prompt_text()
+        echo = f"simulated answer from {self.name}/{dispatch.model} to: {prompt[:ECHO_CHARS]}"
+        output = _answer(request, echo, dispatch.idempotency_key, call_tool=call_tool)
+        text = output.generated_text()
         if simulate is not None and simulate.usage is not None:
             raw_usage: dict[str, Any] = dict(simulate.usage)
             usage_shape = "canonical"
@@ -164,10 +186,83 @@ class SimulatedProvider:
             }
             usage_shape = "openai_chat"
         return Completed(
-            output=Output(text=text, finish_reason="stop"),
+            output=output,
             raw_usage=raw_usage,
             usage_shape=usage_shape,
             latency_ms=elapsed_ms(started),
             model=dispatch.model,
             repeat=repeat,
         )
+
+
+def _tool_to_call(request: JobRequest, *, call_tool: bool) -> Tool | None:
+    """The tool a simulated answer calls, if it calls one."""
+    if not request.tools:
+        return None
+    choice = request.tool_choice
+    if choice is not None and not isinstance(choice, str):
+        return next(t for t in request.tools if t.function.name == choice.function.name)
+    if choice == "required" or (call_tool and choice != "none"):
+        return request.tools[0]
+    return None
+
+
+def _answer(request: JobRequest, echo: str, key: str, *, call_tool: bool) -> Output:
+    """What a simulated model answers: a tool call, JSON, or an echo of the prompt."""
+    tool = _tool_to_call(request, call_tool=call_tool)
+    if tool is not None:
+        arguments = example_value(tool.function.parameters or {"type": "object"})
+        call_id = "call_" + hashlib.sha256(key.encode()).hexdigest()[:24]
+        return Output(
+            text="",
+            finish_reason="tool_calls",
+            provider_finish_reason="tool_calls",
+            tool_calls=[
+                {
+                    "id": call_id,
+                    "function": {
+                        "name": tool.function.name,
+                        "arguments": orjson.dumps(arguments).decode(),
+                    },
+                }
+            ],
+        )
+    fmt = request.response_format
+    if isinstance(fmt, ResponseFormatJsonSchema):
+        text = orjson.dumps(example_value(fmt.json_schema.schema_)).decode()
+    elif isinstance(fmt, ResponseFormatJsonObject):
+        text = orjson.dumps({"answer": echo}).decode()
+    else:
+        text = echo
+    return Output(text=text, finish_reason="stop", provider_finish_reason="stop")
+
+
+def example_value(schema: Any, depth: int = 0) -> Any:
+    """A small value that follows a JSON Schema's common keywords (enum, const, type, required)."""
+    if not isinstance(schema, dict) or depth > 8:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return example_value(schema[key][0], depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        return {name: example_value(sub, depth + 1) for name, sub in properties.items()}
+    if kind == "array":
+        return []
+    if kind == "string":
+        return "simulated"
+    if kind == "integer":
+        return 0
+    if kind == "number":
+        return 0.0
+    if kind == "boolean":
+        return False
+    return None

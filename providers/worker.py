@@ -42,21 +42,22 @@ from pydantic import ValidationError
 from rocksdict import Options, Rdict
 
 from api.problems import problem_documents
-from domain.catalogue import Catalogue, load_catalogue
+from domain.catalogue import Catalogue
 from domain.codec import DecodeError, encode, load_json, upcast
 from domain.limits import RAW_USAGE, check_tree
 from domain.messages import (
     Dispatch,
-    Output,
     ProviderCancel,
     ProviderResult,
     RawProviderError,
 )
+from providers import genai
 from providers.base import Completed, Failed, Outcome, ProviderAdapter
 from providers.registry import build_adapters
+from streams.runtime import load_providers, report_providers
 from streams.settings import Settings, get_settings
-from streams.topology import load_topology
-from streams.tracing import setup_tracing, span, to_headers
+from streams.topology import MissingDispatchTopics, load_topology
+from streams.tracing import annotate, setup_tracing, span, to_headers
 
 log = logging.getLogger("providers.worker")
 
@@ -141,6 +142,36 @@ class ProviderMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # The OpenTelemetry GenAI client metrics (gen_ai.client.*), in Prometheus naming.
+        genai_labels = [
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_response_model",
+        ]
+        self.genai_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI operation duration (gen_ai.client.operation.duration); error_type set on errors",
+            [*genai_labels, "error_type"],
+            buckets=genai.DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.genai_tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens used per GenAI operation (gen_ai.client.token.usage), input and output",
+            [*genai_labels, "gen_ai_token_type"],
+            buckets=genai.TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_genai(
+        self, provider: str, model: str, call: genai.CallTelemetry, seconds: float
+    ) -> None:
+        labels = (genai.OPERATION, provider, model, call.response_model or "")
+        self.genai_duration.labels(*labels, call.error_type or "").observe(seconds)
+        for token_type, count in (("input", call.input_tokens), ("output", call.output_tokens)):
+            if count is not None:
+                self.genai_tokens.labels(*labels, token_type).observe(count)
 
 
 class HandledKeys:
@@ -225,12 +256,14 @@ class ProviderWorker:
         #: Set by a second stop signal: end the grace period now.
         self.abort = asyncio.Event()
         self.metrics = ProviderMetrics()
-        topology = load_topology(settings.topics_file)
-        self.dispatch_topics = [
-            settings.topic(spec.name)
+        topology = load_topology(settings.topics_file, [p.name for p in catalogue.providers])
+        #: The dispatch topic of every enabled provider, by provider.
+        self.topic_of = {
+            provider: settings.topic(spec.name)
             for provider, spec in topology.dispatch_topics().items()
             if (p := catalogue.provider(provider)) is not None and p.enabled
-        ]
+        }
+        self.dispatch_topics = list(self.topic_of.values())
         self.results_topic = settings.topic("cp.results")
         self.dlq_topic = settings.topic("cp.dlq")
         servers = settings.kafka_bootstrap_servers
@@ -261,6 +294,15 @@ class ProviderWorker:
     async def start(self) -> None:
         await self.producer.start()
         await self.consumer.start()
+        try:
+            self.check_dispatch_topics(set(await self.consumer.topics()))
+        except MissingDispatchTopics as exc:
+            log.critical(
+                str(exc), extra={"event": "provider.missing_topics", "missing": exc.missing}
+            )
+            await self.consumer.stop()
+            await self.producer.stop()
+            raise
         self.consumer.subscribe(self.dispatch_topics, listener=_Revocations(self))
         log.info(
             "provider worker started",
@@ -270,6 +312,15 @@ class ProviderWorker:
                 "adapters": sorted(self.adapters),
             },
         )
+
+    def check_dispatch_topics(self, existing: set[str]) -> None:
+        """Refuse to start when a provider this worker can call has no dispatch topic; a provider
+        it cannot call (no API key here) and without a topic is left out of the subscription."""
+        missing = {p: t for p, t in self.topic_of.items() if t not in existing}
+        refused = {p: t for p, t in missing.items() if p in self.adapters}
+        if refused:
+            raise MissingDispatchTopics(refused, self.settings.kafka_bootstrap_servers)
+        self.dispatch_topics = [t for t in self.topic_of.values() if t in existing]
 
     def request_stop(self) -> None:
         """A stop signal: the first stops taking dispatches, a second ends the grace period."""
@@ -493,16 +544,24 @@ class ProviderWorker:
         adapter = self.adapters.get(dispatch.provider)
         sent = [await self.send_result(dispatch, "started", f"{key}:started", adapter)]
         started = time.monotonic()
+        request = genai.request_attributes(dispatch, self.catalogue)
         try:
             with span(
-                f"llm.call {dispatch.provider}",
+                genai.span_name(dispatch),
                 dispatch.trace,
                 kind=SpanKind.CLIENT,
+                semconv=request,
                 provider=dispatch.provider,
                 model=dispatch.model,
                 attempt_id=dispatch.attempt_id,
             ):
+                call_started = time.monotonic()
                 outcome = await self.call(adapter, dispatch)
+                call_s = time.monotonic() - call_started
+                call = genai.outcome_telemetry(
+                    dispatch, outcome, adapter.kind if adapter else "unknown"
+                )
+                annotate(call.attributes, error=call.error_type)
         except asyncio.CancelledError:
             if key in self.cancelled:
                 # The job no longer wants it (a ProviderCancel): never run it again.
@@ -528,6 +587,9 @@ class ProviderWorker:
         outcome_name = {Completed: "completed", Failed: "failed"}.get(type(outcome), "no_answer")
         self.metrics.calls.labels(dispatch.provider, outcome_name).inc()
         self.metrics.latency.labels(dispatch.provider).observe(time.monotonic() - started)
+        self.metrics.observe_genai(
+            str(request["gen_ai.provider.name"]), dispatch.model, call, call_s
+        )
         log.info(
             "attempt finished",
             extra=_ids(
@@ -580,9 +642,7 @@ class ProviderWorker:
                 )
                 raw_usage = None
             fields = {
-                "output": Output(
-                    text=outcome.output.text, finish_reason=outcome.output.finish_reason
-                ),
+                "output": outcome.output,
                 "raw_usage": raw_usage,
                 "usage_shape": outcome.usage_shape,
                 "latency_ms": outcome.latency_ms,
@@ -661,7 +721,9 @@ def _ids(dispatch: Dispatch, **extra: Any) -> dict[str, Any]:
 
 
 async def serve(settings: Settings) -> None:
-    catalogue = load_catalogue(settings.catalogue_file)
+    resolved = load_providers(settings)
+    report_providers(resolved, worker="providers")
+    catalogue = resolved.catalogue
     adapters = build_adapters(catalogue, timeout_s=settings.provider_timeout_s)
     worker = ProviderWorker(settings, catalogue, adapters, data_dir=settings.provider_data_dir)
     loop = asyncio.get_running_loop()
@@ -717,7 +779,10 @@ def main() -> None:
     settings = get_settings()
     configure_logging(settings)
     setup_tracing("provider-worker")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except MissingDispatchTopics as exc:
+        raise SystemExit(f"provider worker not started: {exc}") from None
 
 
 if __name__ == "__main__":

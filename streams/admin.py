@@ -1,5 +1,9 @@
 """Create the topics of topics.yaml that are missing and check the ones that exist.
 
+Every provider of the catalogue (CP_CATALOGUE_FILE) gets its dispatch topic `cp.dispatch.<name>`
+from the `dispatch:` template of topics.yaml: a provider added to the catalogue needs no topic
+entry.
+
 Run as `python -m streams.admin` (or `cp-topics`). A partition-count or replication mismatch is an
 error naming the topic; a run that finds everything in place changes nothing and says so.
 """
@@ -17,7 +21,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError
 
 from streams.settings import Settings, get_settings
-from streams.topology import TopicSpec, load_topology
+from streams.topology import TopicSpec, catalogue_topology
 
 
 @dataclass
@@ -44,8 +48,9 @@ async def _admin(bootstrap: str, attempts: int = 60) -> AIOKafkaAdminClient:
 
 
 async def ensure_topics(settings: Settings, *, names: Sequence[str] | None = None) -> Report:
-    """Create what is missing from topics.yaml and report what differs from it."""
-    topology = load_topology(settings.topics_file)
+    """Create what is missing from topics.yaml (with a dispatch topic for every provider of the
+    catalogue) and report what differs from it."""
+    topology = catalogue_topology(settings.topics_file, settings.catalogue_file)
     wanted: dict[str, TopicSpec] = {
         settings.topic(spec.name, prefixed=spec.prefixed): spec
         for spec in topology.topics.values()

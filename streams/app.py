@@ -18,7 +18,7 @@ from streams.metrics import Metrics
 from streams.runtime import Runtime
 from streams.settings import Settings, get_settings
 from streams.topics import Topics
-from streams.topology import Topology, load_topology
+from streams.topology import Topology, catalogue_topology
 from streams.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def create_app(settings: Settings, topology: Topology) -> faust.App:
 
 settings = get_settings()
 setup_tracing("control-plane")
-topology = load_topology(settings.topics_file)
+topology = catalogue_topology(settings.topics_file, settings.catalogue_file)
 app = create_app(settings, topology)
 runtime = Runtime.load(settings)
 topics = Topics.declare(app, settings, topology)
@@ -113,4 +113,4 @@ class CoreService(Service):
 
 
 # Register the web views on the app (autodiscovery is off: explicit is faster).
-from api import views  # noqa: E402, F401
+from api import openai_front, views  # noqa: E402, F401

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import traceback
@@ -27,7 +28,7 @@ from opentelemetry.trace import SpanKind
 
 from domain.codec import DecodeError, decode_command, decode_intake, decode_result, encode
 from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
-from domain.decide import Context, Decision, decide, fail_internal
+from domain.decide import Context, Decision, decide, fail_internal, fail_undeliverable
 from domain.ids import job_id_for
 from domain.job import Job, OutboxEntry
 from domain.messages import CancelRequest, Dispatch, TraceContext
@@ -36,8 +37,9 @@ from streams.assignor import CopartitionedAssignor
 from streams.deadletter import dead_letter_record
 from streams.metrics import Metrics
 from streams.partition import Partition
-from streams.runtime import Runtime
+from streams.runtime import Runtime, report_providers
 from streams.settings import Settings
+from streams.topology import MissingDispatchTopics
 from streams.tracing import from_headers, span, to_headers, trace_id
 from streams.txn import Record, Transaction
 from tables.exceptions import StateCorrupted
@@ -120,6 +122,9 @@ class JobCore:
         self.dlq_topic = settings.topic("cp.dlq")
         self.changelog_topic = settings.topic("{app_id}-jobs-changelog")
         self.dispatch_topics = dispatch_topics
+        #: Providers whose dispatch queue cannot take records, with why: their attempts fail at
+        #: once (`dispatch_failed`) instead of a record nobody can send being tried again.
+        self.undeliverable: dict[str, str] = {}
         self.partitions = partitions
         self.retention = timedelta(seconds=settings.job_retention_s)
         self.idempotency = timedelta(seconds=settings.idempotency_window_s)
@@ -163,11 +168,38 @@ class JobCore:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         await self.consumer.start()
+        report_providers(self.runtime.providers, worker="control-plane")
+        try:
+            self.check_dispatch_topics(set(await self.consumer.topics()))
+        except MissingDispatchTopics as exc:
+            log.critical(str(exc), extra={"event": "core.missing_topics", "missing": exc.missing})
+            await self.consumer.stop()
+            raise
         self.consumer.subscribe(
             [self.intake_topic, self.commands_topic, self.results_topic],
             listener=_Rebalance(self),
         )
         self.task = asyncio.ensure_future(self._run())
+
+    def check_dispatch_topics(self, existing: set[str]) -> None:
+        """Refuse to start when a provider routing may choose has no dispatch topic.
+
+        A provider it may not choose (disabled, no API key) is only remembered as undeliverable:
+        an attempt of an older job still meant for it fails at once with `dispatch_failed`.
+        """
+        routable = set(self.runtime.providers.routable())
+        missing = {p: t for p, t in self.dispatch_topics.items() if t not in existing}
+        refused = {p: t for p, t in missing.items() if p in routable}
+        if refused:
+            raise MissingDispatchTopics(refused, self.settings.kafka_bootstrap_servers)
+        for provider, topic in missing.items():
+            self.undeliverable[provider] = (
+                f"its dispatch topic {topic} does not exist (`make topics` creates it)"
+            )
+            log.warning(
+                "no dispatch topic for a provider that is not routed to",
+                extra={"event": "core.no_dispatch_topic", "provider": provider, "topic": topic},
+            )
 
     async def stop(self) -> None:
         """Finish the turn in hand, commit what it applied, leave the group.
@@ -332,6 +364,7 @@ class JobCore:
                 at=now,
                 tenant_id=request.tenant_id,
                 reason=request.reason or "cancelled by producer",
+                source="kafka",
             )
             self._rekey(txn, record, job_id, encode(command), [])
             return
@@ -500,6 +533,25 @@ class JobCore:
         new = decision.job
         effects: list[Record] = []
         if new is not None and new is not job and new.outbox:
+            blocked = self._blocked(new)
+            if blocked:
+                # Every undeliverable provider, not only those in the outbox now: a fallback
+                # from a failed dispatch may go to another one.
+                blocked = {**self.undeliverable, **blocked}
+                failed = fail_undeliverable(new, blocked, self.runtime.context(), command.at)
+                if failed is not None and failed.job is not None:
+                    log.warning(
+                        "dispatch cannot be sent: the attempt failed at once",
+                        extra={
+                            "event": "job.dispatch_failed",
+                            "job_id": new.job_id,
+                            "providers": sorted(
+                                {a.provider for a in failed.job.attempts} & set(blocked)
+                            ),
+                        },
+                    )
+                    new = failed.job
+                    decision = dataclasses.replace(decision, job=new)
             effects = self._render(new, new.outbox)
             new = _published(new, command, self.runtime)
         request = encode_request(new.request) if job is None and new is not None else None
@@ -510,6 +562,18 @@ class JobCore:
                     f"{MAX_RECORD_BYTES}-byte limit"
                 )
         return decision, new, effects, request
+
+    def _blocked(self, job: Job) -> dict[str, str]:
+        """The providers of the job's outbox whose dispatch queue cannot take a record, and why."""
+        blocked: dict[str, str] = {}
+        for entry in job.outbox:
+            if entry.topic not in ("dispatch", "provider_cancel") or entry.provider is None:
+                continue
+            if entry.provider not in self.dispatch_topics:
+                blocked[entry.provider] = "it has no dispatch topic (not in the catalogue)"
+            elif entry.provider in self.undeliverable:
+                blocked[entry.provider] = self.undeliverable[entry.provider]
+        return blocked
 
     def _inject(self, stage: str, command: Command, job: Job | None) -> None:
         """Raise where a test asked for a fault (CP_FAULT_INJECTION only)."""

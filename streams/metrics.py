@@ -43,7 +43,7 @@ class CostCollector(Collector):
     def collect(self) -> Iterable[CounterMetricFamily]:
         family = CounterMetricFamily(
             "cp_cost",
-            "Billed cost of completed attempts, summed exactly as decimals",
+            "Billed cost of attempts (failed ones priced from reported usage too), summed exactly",
             labels=["provider", "model", "currency"],
         )
         for (provider, model, currency), amount in sorted(self.totals.items()):
@@ -194,7 +194,8 @@ class Metrics:
             if winner.latency_ms is not None:
                 self.attempt_latency.labels(winner.provider).observe(winner.latency_ms / 1000)
         for attempt in job.attempts:
-            if attempt.cost is not None and attempt.cost.amount is not None:
+            # Failed attempts that billed nothing (amount 0) or an unknown amount add nothing.
+            if attempt.cost is not None and attempt.cost.amount:
                 self.cost.add(
                     attempt.provider, attempt.model, attempt.cost.currency, attempt.cost.amount
                 )

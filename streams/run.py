@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from domain.ids import job_id_for
 from streams.settings import Settings, get_settings
-from streams.topology import load_topology
+from streams.topology import catalogue_topology
 
 T = TypeVar("T")
 
@@ -224,9 +224,9 @@ async def preflight(settings: Settings) -> None:
         existing = await consumer.topics()
     finally:
         await consumer.stop()
+    topology = catalogue_topology(settings.topics_file, settings.catalogue_file)
     wanted = [
-        settings.topic(spec.name, prefixed=spec.prefixed)
-        for spec in load_topology(settings.topics_file).topics.values()
+        settings.topic(spec.name, prefixed=spec.prefixed) for spec in topology.topics.values()
     ]
     missing = [name for name in wanted if name not in existing]
     if missing:

@@ -3,14 +3,60 @@
 from __future__ import annotations
 
 import heapq
+import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from domain.catalogue import Catalogue, load_catalogue
+from domain.catalogue import (
+    Catalogue,
+    ResolvedProviders,
+    Unavailable,
+    load_catalogue,
+    parse_provider_list,
+    resolve_providers,
+)
 from domain.decide import Context, Observation
 from domain.health import ProviderHealth, effective_circuit, initial_health, observe
 from domain.policy import RoutingPolicy, load_policy
 from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_providers(settings: Settings, env: Mapping[str, str] | None = None) -> ResolvedProviders:
+    """The catalogue as this process runs it: CP_ENABLE_PROVIDERS applied, API keys checked."""
+    return resolve_providers(
+        load_catalogue(settings.catalogue_file),
+        enable=parse_provider_list(settings.enable_providers),
+        env=os.environ if env is None else env,
+    )
+
+
+def report_providers(resolved: ResolvedProviders, *, worker: str) -> None:
+    """Say at start which providers run here and which enabled ones are left out, and why."""
+    for name, why in resolved.unavailable.items():
+        log.warning(
+            "provider left out: %s",
+            why.reason,
+            extra={
+                "event": "provider.unavailable",
+                "provider": name,
+                "reason_code": why.reason_code,
+                "reason": why.reason,
+                "worker": worker,
+            },
+        )
+    log.info(
+        "providers",
+        extra={
+            "event": "providers.resolved",
+            "routable": resolved.routable(),
+            "unavailable": sorted(resolved.unavailable),
+            "worker": worker,
+        },
+    )
 
 
 @dataclass
@@ -73,15 +119,23 @@ class Runtime:
     catalogue: Catalogue
     policy: RoutingPolicy
     health: HealthBook
+    #: Enabled providers routing must leave out here (no API key), with why.
+    unavailable: dict[str, Unavailable] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, settings: Settings) -> Runtime:
+    def load(cls, settings: Settings, env: Mapping[str, str] | None = None) -> Runtime:
         policy = load_policy(settings.policy_file)
+        resolved = load_providers(settings, env)
         return cls(
-            catalogue=load_catalogue(settings.catalogue_file),
+            catalogue=resolved.catalogue,
             policy=policy,
             health=HealthBook(policy),
+            unavailable=resolved.unavailable,
         )
+
+    @property
+    def providers(self) -> ResolvedProviders:
+        return ResolvedProviders(self.catalogue, self.unavailable)
 
     def circuits(self) -> dict[str, str]:
         """Each observed provider's circuit state now."""
@@ -92,4 +146,9 @@ class Runtime:
         }
 
     def context(self) -> Context:
-        return Context(catalogue=self.catalogue, policy=self.policy, health=self.health.snapshot())
+        return Context(
+            catalogue=self.catalogue,
+            policy=self.policy,
+            health=self.health.snapshot(),
+            unavailable=self.unavailable,
+        )

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     topic_prefix: str = ""
     topics_file: Path = Path("topics.yaml")
     catalogue_file: Path = Path("config/catalogue.yaml")
+    #: Catalogue providers to run although the catalogue says `enabled: false` (comma-separated
+    #: names, e.g. `openai,anthropic`): a real provider is switched on from the environment alone.
+    enable_providers: str = ""
     policy_file: Path = Path("config/policy.yaml")
     store: str = "rocksdb://"
     data_dir: Path = Path("var/workers/cp-1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from opentelemetry import trace
@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 
 from domain.messages import TraceContext
 
@@ -132,9 +133,13 @@ def span(
     parent: TraceContext | None,
     *,
     kind: SpanKind = SpanKind.INTERNAL,
+    semconv: Mapping[str, AttributeValue] | None = None,
     **attributes: str | int | None,
 ) -> Iterator[TraceContext]:
     """Run a stage in a span under `parent`; yields the context to propagate onwards.
+
+    `attributes` are the control plane's own (named `cp.<name>`); `semconv` are set under their
+    own names (OpenTelemetry semantic conventions, such as `gen_ai.*`).
 
     When no exporter is configured the span is not recorded, and the parent context itself is
     propagated so that the trace id still travels with the job.
@@ -143,7 +148,10 @@ def span(
         yield parent or TraceContext()
         return
     tracer = trace.get_tracer("prompt-gateway")
-    attrs = {f"cp.{k}": v for k, v in attributes.items() if v is not None}
+    attrs: dict[str, AttributeValue] = {
+        f"cp.{k}": v for k, v in attributes.items() if v is not None
+    }
+    attrs.update(semconv or {})
     # Exceptions are recorded by type only: their messages may quote input (prompt) values.
     with tracer.start_as_current_span(
         name,
@@ -162,6 +170,18 @@ def span(
             current.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             current.set_attribute("exception.type", type(exc).__name__)
             raise
+
+
+def annotate(semconv: Mapping[str, AttributeValue], *, error: str | None = None) -> None:
+    """Add attributes (under their own names) to the current span; `error` marks it failed."""
+    if not _recording:
+        return
+    current = trace.get_current_span()
+    if not current.is_recording():
+        return
+    current.set_attributes(semconv)
+    if error is not None:
+        current.set_status(Status(StatusCode.ERROR, error))
 
 
 def log_ids() -> dict[str, str]:

@@ -35,7 +35,7 @@ from streams.metrics import Metrics
 from streams.partition import Partition
 from streams.runtime import Runtime
 from streams.settings import Settings
-from streams.topology import load_topology
+from streams.topology import catalogue_topology
 from streams.txn import Record, Transaction
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -361,7 +361,7 @@ def make_driver(settings: Settings) -> Callable[..., Driver]:
     def make(partitions: Iterable[int] = range(PARTITIONS)) -> Driver:
         runtime = Runtime.load(settings)
         metrics = Metrics(CollectorRegistry(), circuits=runtime.circuits)
-        topology = load_topology(settings.topics_file)
+        topology = catalogue_topology(settings.topics_file, settings.catalogue_file)
         assert topology.job_partitions() == PARTITIONS
         core = JobCore(
             settings,

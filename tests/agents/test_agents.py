@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,9 +27,18 @@ from domain.decide import decide as real_decide
 from domain.ids import idempotency_key, job_id_for
 from domain.job import Job
 from domain.lifecycle import AttemptStatus, JobStatus
-from domain.messages import Dispatch, FinalResponse, JobEvent, JobRequest, Output, ProviderCancel
+from domain.messages import (
+    Dispatch,
+    FinalResponse,
+    JobEvent,
+    JobRequest,
+    Output,
+    ProviderCancel,
+    RawProviderError,
+)
 from streams.core import MAX_RECORD_BYTES, RESULTS_GATE_MAX, RESULTS_GATE_RECHECK, CoreNotReady
 from streams.partition import Partition
+from streams.topology import MissingDispatchTopics
 from streams.tracing import trace_id, valid_traceparent
 from streams.txn import Record
 from tables.exceptions import StateCorrupted
@@ -1282,3 +1292,112 @@ async def test_stop_lets_the_turn_in_hand_finish_before_committing(driver: Drive
     assert "commit" in producer.calls and "abort" not in producer.calls
     committed_rows = [r for r in producer.sent if r.key == key(ROW, job_id)]
     assert committed_rows, "the step applied before the stop was committed with its row"
+
+
+# -- dispatches that cannot be sent ---------------------------------------------------------------
+
+
+def dispatch_topic_names(driver: Driver) -> set[str]:
+    return set(driver.core.dispatch_topics.values())
+
+
+async def test_a_dispatch_that_cannot_be_sent_fails_its_attempt_at_once_and_never_loops(
+    driver: Driver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider not routed to any more, without its dispatch topic, and an older job's retry
+    still meant for it: the retry's attempt fails at once (dispatch_failed), the job falls back,
+    nothing is sent to the missing topic, and nothing is logged again afterwards."""
+    job = await driver.create("r-1")
+    first = job.current
+    assert first is not None
+    driver.result(
+        provider_result(
+            job.job_id,
+            first.attempt_id,
+            first.provider,
+            first.model,
+            type="failed",
+            error=RawProviderError(kind="simulated", code="rate_limited"),
+        )
+    )
+    await driver.commit()
+    retrying = driver.job(job.job_id)
+    assert retrying is not None and retrying.retry_at is not None
+    next_target = retrying.plan[0]
+    gone = driver.topic(f"cp.dispatch.{first.provider}")
+    driver.core.undeliverable[first.provider] = f"its dispatch topic {gone} does not exist"
+
+    caplog.set_level(logging.WARNING, logger="streams.core")
+    driver.core._fire_timers(retrying.retry_at)
+    produced = await driver.commit()
+
+    after = driver.job(job.job_id)
+    assert after is not None and after.status is JobStatus.DISPATCHED
+    failed = after.attempts[1]
+    assert failed.provider == first.provider
+    assert failed.status is AttemptStatus.FAILED
+    assert failed.error is not None and failed.error.code.value == "dispatch_failed"
+    assert gone in failed.error.message
+    assert failed.cost is not None and failed.cost.amount == 0
+    assert after.attempts[2].target == next_target
+    [sent] = driver.dispatches(produced)
+    assert sent.topic == driver.topic(f"cp.dispatch.{next_target.provider}")
+    assert not [r for r in produced if r.topic == gone]
+    kinds = [e.type for e in events(driver.sent_to(produced, EVENTS))]
+    assert kinds == ["dispatched", "attempt_failed", "fallback", "dispatched"]
+    assert after.outbox == []
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "dispatch cannot be sent: the attempt failed at once"
+    ]
+
+    # Later turns send and log nothing more about it: no loop.
+    caplog.clear()
+    driver.core._fire_timers(datetime.now(UTC))
+    assert driver.dispatches(await driver.commit()) == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_job_whose_every_dispatch_is_unsendable_fails_with_a_final_response(
+    driver: Driver,
+) -> None:
+    for provider in list(driver.core.dispatch_topics):
+        driver.core.undeliverable[provider] = "no topic"
+    job = await driver.create("r-1")
+    assert job.status is JobStatus.FAILED
+    assert all(a.error and a.error.code.value == "dispatch_failed" for a in job.attempts)
+    [response] = driver.sent_to(driver.committed, RESPONSES)
+    final = FinalResponse.model_validate_json(response.value or b"")
+    assert final.outcome is not None and final.outcome.reason == "targets_exhausted"
+    assert driver.dispatches(driver.committed) == []
+
+
+async def test_a_provider_outside_the_catalogue_is_unsendable_too(driver: Driver) -> None:
+    job = await driver.create("r-1")
+    assert job.current is not None
+    provider = job.current.provider
+    del driver.core.dispatch_topics[provider]
+    driver.core._fire_timers(job.current.expires_at)  # a provider cancel for it: dropped
+    produced = await driver.commit()
+    assert not [r for r in produced if r.topic.endswith(f"cp.dispatch.{provider}")]
+    after = driver.job(job.job_id)
+    assert after is not None and after.outbox == []
+
+
+async def test_the_core_refuses_to_start_when_a_routable_provider_has_no_topic(
+    driver: Driver,
+) -> None:
+    existing = dispatch_topic_names(driver) - {driver.topic("cp.dispatch.sim-fast")}
+    with pytest.raises(MissingDispatchTopics) as raised:
+        driver.core.check_dispatch_topics(existing)
+    message = str(raised.value)
+    assert "sim-fast" in message and driver.topic("cp.dispatch.sim-fast") in message
+    assert "make topics" in message
+    assert raised.value.missing == {"sim-fast": driver.topic("cp.dispatch.sim-fast")}
+
+
+async def test_a_provider_not_routed_to_may_lack_its_topic(driver: Driver) -> None:
+    existing = {t for p, t in driver.core.dispatch_topics.items() if p.startswith("sim-")}
+    driver.core.check_dispatch_topics(existing)
+    assert set(driver.core.undeliverable) == {"openai", "anthropic"}
+    assert "make topics" in driver.core.undeliverable["openai"]

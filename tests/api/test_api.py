@@ -531,7 +531,14 @@ async def test_result_long_poll_returns_200_once_final(
     assert Decimal(total["amount"]) == sim_fast_price()
     assert total["currency"] == "USD"
     assert total["estimated"] is False
-    assert [a["provider"] for a in body["cost"]["attempts"]] == ["sim-fast"]
+    # Every attempt is listed: the two failures billed nothing.
+    assert [(a["provider"], a["status"]) for a in body["cost"]["attempts"]] == [
+        ("sim-cheap", "FAILED"),
+        ("sim-cheap", "FAILED"),
+        ("sim-fast", "COMPLETED"),
+    ]
+    assert [Decimal(a["cost"]["amount"]) for a in body["cost"]["attempts"][:2]] == [0, 0]
+    assert body["outcome"]["reason"] == "completed"
     for url in api_stack.urls:  # and without waiting, from either worker
         assert await get_json(http, f"{url}/jobs/{job_id}/result") == (200, body)
 

@@ -503,10 +503,10 @@ REQUIRED_SPANS = Counter(
         "job.create": 1,
         "dispatch sim-cheap": 2,
         "attempt sim-cheap": 2,
-        "llm.call sim-cheap": 2,
+        "chat thrift-nano-sim": 2,  # the provider call: "<gen_ai.operation.name> <model>"
         "dispatch sim-fast": 1,
         "attempt sim-fast": 1,
-        "llm.call sim-fast": 1,
+        "chat swift-mini-sim": 1,
         "job.tick": 1,  # the retry is dispatched when its backoff timer fires
         "result.ingest": 6,  # started + failed, started + failed, started + completed
         "job.result": 6,
@@ -564,8 +564,8 @@ async def test_one_trace_links_every_stage(obs: Stack) -> None:
         up = by_id.get(span.get("parent_id") or "", {}).get("name")
         if name.startswith("attempt "):
             assert up == "dispatch " + name.split(" ", 1)[1], (name, up)
-        elif name.startswith("llm.call "):
-            assert up == "attempt " + name.split(" ", 1)[1], (name, up)
+        elif name.startswith("chat "):
+            assert up == "attempt " + span["attributes"]["cp.provider"], (name, up)
         elif name == "result.ingest":
             assert up is not None and up.startswith("attempt "), (name, up)
         elif name == "job.result":
@@ -606,6 +606,78 @@ async def test_one_trace_links_every_stage(obs: Stack) -> None:
                 if value.split("-")[1:2] != [trace]:
                     missing.setdefault(topic, []).append((record.offset, value or None))
     assert not missing, f"records without the job's trace id in a traceparent header: {missing}"
+
+
+# -- c2. provider calls in the OpenTelemetry GenAI semantic conventions ---------------------------
+
+
+async def test_provider_calls_carry_genai_semantic_conventions(obs: Stack) -> None:
+    """Each provider call is a "chat <model>" CLIENT span with the gen_ai.* attributes, and the
+    provider worker's GenAI duration and token-usage histograms count it."""
+    assert obs.providers is not None
+    trace = uuid.uuid4().hex
+    tenant = f"obs-genai-{uuid.uuid4().hex[:8]}"
+    job = request(
+        tenant,
+        "genai",
+        {"sim-cheap": ["rate_limited", "ok"]},
+        max_output_tokens=64,
+        temperature=0.25,
+        top_p=0.5,
+    )
+    before, _ = scrape(obs.providers.url)
+    await send(
+        obs.bootstrap,
+        obs.topic("cp.intake"),
+        [(b"genai", to_json(job))],
+        headers=[("traceparent", f"00-{trace}-{secrets.token_hex(8)}-01".encode())],
+    )
+    [final] = (await finals_of(obs, tenant, 1, timeout=60)).values()
+    assert (final["state"], final["provider"], final["attempts"]) == ("COMPLETED", "sim-cheap", 2)
+
+    def calls() -> list[dict[str, Any]]:
+        return [s for s in spans_of(obs, trace) if s["name"] == "chat thrift-nano-sim"]
+
+    await wait_until(lambda: len(calls()) == 2, timeout=30, what="both provider-call spans")
+    failed, answered = sorted(calls(), key=lambda s: s["start_time"])
+    for span in (failed, answered):
+        attributes = span["attributes"]
+        assert span["kind"] == "SpanKind.CLIENT"
+        assert attributes["gen_ai.operation.name"] == "chat"
+        assert attributes["gen_ai.provider.name"] == attributes["gen_ai.system"] == "sim-cheap"
+        assert attributes["gen_ai.request.model"] == "thrift-nano-sim"
+        assert attributes["gen_ai.request.max_tokens"] == 64
+        assert attributes["gen_ai.request.temperature"] == 0.25
+        assert attributes["gen_ai.request.top_p"] == 0.5
+    assert failed["attributes"]["error.type"] == "rate_limited"
+    assert failed["status"]["status_code"] == "ERROR"
+    assert "gen_ai.usage.input_tokens" not in failed["attributes"]
+    answer = answered["attributes"]
+    assert answer["gen_ai.response.model"] == "thrift-nano-sim"
+    assert answer["gen_ai.usage.input_tokens"] == USAGE["input_tokens"]
+    assert answer["gen_ai.usage.output_tokens"] == USAGE["output_tokens"]
+    assert answer["gen_ai.response.finish_reasons"] == ["stop"]
+    assert "error.type" not in answer
+    assert answered["status"]["status_code"] == "UNSET"
+
+    after, families = scrape(obs.providers.url)
+    assert {"gen_ai_client_operation_duration_seconds", "gen_ai_client_token_usage"} <= families
+    common = {
+        "gen_ai_operation_name": "chat",
+        "gen_ai_provider_name": "sim-cheap",
+        "gen_ai_request_model": "thrift-nano-sim",
+    }
+
+    def labels(**extra: str) -> Labels:
+        return tuple(sorted({**common, **extra}.items()))
+
+    durations = deltas(before, after, "gen_ai_client_operation_duration_seconds_count")
+    assert durations[labels(gen_ai_response_model="", error_type="rate_limited")] == 1
+    assert durations[labels(gen_ai_response_model="thrift-nano-sim", error_type="")] == 1
+    tokens = deltas(before, after, "gen_ai_client_token_usage_sum")
+    answered_labels = {"gen_ai_response_model": "thrift-nano-sim"}
+    assert tokens[labels(**answered_labels, gen_ai_token_type="input")] == USAGE["input_tokens"]
+    assert tokens[labels(**answered_labels, gen_ai_token_type="output")] == USAGE["output_tokens"]
 
 
 # -- d. a real Prometheus scrapes the worker ------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from streams.topology import load_topology
+from streams.topology import catalogue_topology
 from tests.support.stack import Stack, TopicReader
 from tests.support.workers import ROOT
 
@@ -129,7 +129,8 @@ def objects(reader: TopicReader) -> list[dict[str, Any]]:
 
 
 def _dispatch_topics() -> list[str]:
-    return [spec.name for spec in load_topology(ROOT / "topics.yaml").dispatch_topics().values()]
+    topology = catalogue_topology(ROOT / "topics.yaml", ROOT / "config" / "catalogue.yaml")
+    return [spec.name for spec in topology.dispatch_topics().values()]
 
 
 async def dispatch_keys(stack: Stack, tenant: str) -> Counter[str]:

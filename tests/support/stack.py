@@ -81,6 +81,8 @@ class Stack:
             kafka_bootstrap_servers=self.bootstrap,
             app_id=self.env["CP_APP_ID"],
             topic_prefix=self.prefix,
+            # The dispatch topics follow from the catalogue the workers run.
+            catalogue_file=Path(self.env.get("CP_CATALOGUE_FILE", ROOT / "config/catalogue.yaml")),
         )
 
     def create_topics(self) -> None:

@@ -164,3 +164,29 @@ def test_missing_capabilities_listed() -> None:
 def test_catalogue_round_trips_through_json() -> None:
     cat = load_catalogue(SHIPPED)
     assert Catalogue.model_validate_json(cat.model_dump_json()) == cat
+
+
+def test_attempt_timeouts_on_a_provider_and_a_model() -> None:
+    text = MINIMAL.replace(
+        "    simulation: {latency_ms: 100}\n",
+        "    simulation: {latency_ms: 100}\n    attempt_timeout_ms: 5000\n",
+    )
+    cat = load_catalogue(text)
+    assert cat.attempt_timeout_ms("sim-a", "m1") == (5000, "provider")
+    with_model = text.replace(
+        "        expected_latency_ms: 100\n",
+        "        expected_latency_ms: 100\n        attempt_timeout_ms: 7000\n",
+    )
+    assert load_catalogue(with_model).attempt_timeout_ms("sim-a", "m1") == (7000, "model")
+    assert load_catalogue(MINIMAL).attempt_timeout_ms("sim-a", "m1") == (None, None)
+    assert cat.attempt_timeout_ms("nobody", "m1") == (None, None)
+
+
+@pytest.mark.parametrize("value", [999, 600_001])
+def test_an_attempt_timeout_outside_1s_to_10min_names_the_field(value: int) -> None:
+    text = MINIMAL.replace(
+        "    simulation: {latency_ms: 100}\n",
+        f"    simulation: {{latency_ms: 100}}\n    attempt_timeout_ms: {value}\n",
+    )
+    with pytest.raises(ConfigError, match=r"providers\[0\]\(sim-a\)\.attempt_timeout_ms"):
+        load_catalogue(text)

@@ -10,15 +10,22 @@ from typing import Any
 
 import pytest
 
-from domain.catalogue import load_catalogue
+from domain.catalogue import (
+    Catalogue,
+    ConfigError,
+    Unavailable,
+    load_catalogue,
+    resolve_providers,
+)
 from domain.commands import CancelJob, CreateJob, MarkPublished, RecordResult, Tick
-from domain.decide import Context, Decision, decide
+from domain.decide import Context, Decision, decide, fail_internal, fail_undeliverable
 from domain.errors import ErrorCode
 from domain.health import ProviderHealth
 from domain.ids import attempt_id_for, idempotency_key, job_id_for
 from domain.job import Job, OutboxEntry
 from domain.lifecycle import AttemptStatus, JobStatus, can_transition
 from domain.messages import (
+    ADDED_FIELDS,
     Dispatch,
     FinalResponse,
     JobEvent,
@@ -977,5 +984,443 @@ def test_a_full_run_follows_the_transition_table() -> None:
     assert job.final is not None
     assert job.final.attempts == 3
     assert job.final.cost.total is not None
-    # Only the winning attempt was billed; the failed ones carried no usage.
-    assert [a.attempt_id for a in job.final.cost.attempts] == [job.attempts[2].attempt_id]
+    # Every attempt is listed; the failed ones carried no usage, so they billed nothing.
+    assert [a.attempt_id for a in job.final.cost.attempts] == [a.attempt_id for a in job.attempts]
+    failed, won = job.final.cost.attempts[:2], job.final.cost.attempts[2]
+    assert [(c.status, c.cost.amount) for c in failed] == [("FAILED", 0), ("FAILED", 0)]
+    assert job.final.cost.total.amount == won.cost.amount
+
+
+# -- attempt timeouts: request over model over provider over policy, capped by the deadline ------
+
+
+def with_timeouts(
+    provider: str, *, on_provider: int | None = None, on_model: int | None = None
+) -> Catalogue:
+    """The shipped catalogue with attempt timeouts set on one provider and/or its models."""
+    providers = []
+    for spec in CATALOGUE.providers:
+        if spec.name == provider:
+            models = [m.model_copy(update={"attempt_timeout_ms": on_model}) for m in spec.models]
+            providers.append(
+                spec.model_copy(update={"attempt_timeout_ms": on_provider, "models": models})
+            )
+        else:
+            providers.append(spec)
+    return CATALOGUE.model_copy(update={"providers": providers})
+
+
+FIRST = created_flow().state.attempts[0]
+
+
+def dispatched(job: Job) -> JobEvent:
+    return [e for e in job.events if e.type == "dispatched"][-1]
+
+
+def test_the_policy_attempt_timeout_applies_when_nothing_overrides_it() -> None:
+    job = created_flow().state
+    event = dispatched(job)
+    assert (event.data["timeout_ms"], event.data["timeout_source"]) == (
+        POLICY.attempt_timeout_ms,
+        "policy",
+    )
+    assert job.attempts[0].timeout_ms == POLICY.attempt_timeout_ms
+
+
+def test_a_provider_attempt_timeout_overrides_the_policy() -> None:
+    ctx = Context(catalogue=with_timeouts(FIRST.provider, on_provider=5_000), policy=POLICY)
+    flow = created_flow(ctx=ctx)
+    attempt = flow.state.attempts[0]
+    assert attempt.provider == FIRST.provider
+    assert attempt.timeout_ms == 5_000
+    assert attempt.timeout_at == T0 + timedelta(seconds=5)
+    assert (dispatched(flow.state).data["timeout_source"]) == "provider"
+    (entry,) = [e for e in flow.state.outbox if e.topic == "dispatch"]
+    assert Dispatch.model_validate(wire(flow.state, entry)).timeout_ms == 5_000
+    # The answer time counts from the start, with the provider's timeout, not the policy's.
+    flow.started(at=secs(2))
+    assert flow.state.attempts[0].timeout_at == secs(7)
+    decision = flow.tick(secs(7))
+    assert decision.outcome == "attempt_timed_out"
+    error = flow.state.attempts[0].error
+    assert error is not None
+    assert error.message == f"no answer from {FIRST.provider} within 5000 ms"
+
+
+def test_a_model_attempt_timeout_overrides_the_provider() -> None:
+    catalogue = with_timeouts(FIRST.provider, on_provider=5_000, on_model=7_000)
+    flow = created_flow(ctx=Context(catalogue=catalogue, policy=POLICY))
+    assert flow.state.attempts[0].timeout_ms == 7_000
+    assert dispatched(flow.state).data["timeout_source"] == "model"
+
+
+def test_the_request_attempt_timeout_overrides_the_catalogue() -> None:
+    catalogue = with_timeouts(FIRST.provider, on_provider=5_000, on_model=7_000)
+    flow = created_flow(
+        make_request(attempt_timeout_ms=2_500), ctx=Context(catalogue=catalogue, policy=POLICY)
+    )
+    assert flow.state.attempts[0].timeout_ms == 2_500
+    assert flow.state.attempts[0].timeout_at == T0 + timedelta(milliseconds=2_500)
+    assert dispatched(flow.state).data["timeout_source"] == "request"
+
+
+def test_the_deadline_caps_the_attempt_timeout() -> None:
+    flow = created_flow(make_request(attempt_timeout_ms=60_000, deadline_ms=4_000))
+    assert flow.state.attempts[0].timeout_ms == 4_000
+    assert dispatched(flow.state).data["timeout_source"] == "deadline"
+    # A retry later in the job gets what is left of the deadline.
+    flow.fail("rate_limited", at=secs(1))
+    assert flow.state.retry_at is not None
+    flow.tick(flow.state.retry_at)
+    retry = flow.state.attempts[1]
+    assert retry.timeout_ms == 4_000 - int((retry.dispatched_at - T0).total_seconds() * 1000)
+    assert dispatched(flow.state).data["timeout_source"] == "deadline"
+
+
+def test_a_fallback_target_gets_its_own_providers_timeout() -> None:
+    plan = created_flow().state.plan
+    catalogue = with_timeouts(plan[0].provider, on_provider=9_000)
+    flow = created_flow(ctx=Context(catalogue=catalogue, policy=POLICY))
+    assert flow.state.attempts[0].timeout_ms == POLICY.attempt_timeout_ms
+    flow.fail("quota_exhausted", at=secs(1))
+    second = flow.state.attempts[1]
+    assert second.target == plan[0]
+    assert second.timeout_ms == 9_000
+    assert dispatched(flow.state).data["timeout_source"] == "provider"
+
+
+@pytest.mark.parametrize("value", [0, 999, 600_001])
+def test_a_request_attempt_timeout_outside_1s_to_10min_is_rejected(value: int) -> None:
+    with pytest.raises(ValueError, match="attempt_timeout_ms"):
+        make_request(attempt_timeout_ms=value)
+
+
+def test_an_unset_attempt_timeout_leaves_the_fingerprint_as_it_was() -> None:
+    plain = make_request()
+    assert "attempt_timeout_ms" in ADDED_FIELDS  # unset, it stays out of the fingerprint
+    assert make_request(attempt_timeout_ms=None).fingerprint() == plain.fingerprint()
+    assert make_request(attempt_timeout_ms=5_000).fingerprint() != plain.fingerprint()
+
+
+# -- outcome: why a job ended --------------------------------------------------------------------
+
+
+def outcome_of(job: Job) -> Any:
+    assert job.final is not None and job.final.outcome is not None
+    return job.final.outcome
+
+
+def terminal_event(job: Job) -> JobEvent:
+    (event,) = [e for e in job.events if e.type in TERMINAL_EVENTS]
+    return event
+
+
+def test_all_providers_failing_says_the_attempt_budget_ran_out_and_what_was_left_untried() -> None:
+    flow = created_flow()
+    plan = list(flow.state.plan)
+    fail_until_terminal(flow)
+    job = flow.state
+    outcome = outcome_of(job)
+    budget = POLICY.retry.max_attempts_per_job
+    assert outcome.reason == "attempt_budget_exhausted"
+    assert (outcome.attempts_used, outcome.attempts_allowed) == (budget, budget)
+    assert f"all {budget} of {budget} attempts" in outcome.detail
+    tried = {a.target for a in job.attempts}
+    untried = [t for t in plan if t not in tried]
+    assert untried, "the shipped catalogue has a target the budget never reaches"
+    assert [(u.provider, u.model, u.reason) for u in outcome.untried_targets] == [
+        (t.provider, t.model, "attempt_budget_exhausted") for t in untried
+    ]
+    event = terminal_event(job)
+    assert event.type == "failed"
+    assert event.data["reason"] == "attempt_budget_exhausted"
+    assert event.data["outcome"] == outcome.model_dump(mode="json")
+    # The error is still the last attempt's, as before.
+    assert job.final is not None and job.final.error == job.attempts[-1].error
+
+
+def test_a_plan_tried_to_its_end_says_targets_exhausted() -> None:
+    flow = created_flow(make_request(constraints={"providers": {"allow": ["sim-fast"]}}))
+    fail_until_terminal(flow)
+    outcome = outcome_of(flow.state)
+    assert outcome.reason == "targets_exhausted"
+    assert (outcome.attempts_used, outcome.untried_targets) == (2, [])
+    assert "no target of the plan is left" in outcome.detail
+
+
+def test_a_non_retryable_error_says_so() -> None:
+    flow = created_flow()
+    flow.fail("invalid_request", at=secs(1))
+    outcome = outcome_of(flow.state)
+    assert outcome.reason == "non_retryable_error"
+    assert "invalid_request" in outcome.detail
+    assert outcome.attempts_used == 1
+    assert [(u.provider, u.model) for u in outcome.untried_targets] == [
+        (t.provider, t.model) for t in flow.state.plan
+    ]
+    assert terminal_event(flow.state).data["reason"] == "non_retryable_error"
+
+
+def test_no_eligible_target_lists_every_exclusion_with_its_reason() -> None:
+    flow = Flow()
+    flow.create(make_request(constraints={"capabilities": ["teleportation"]}))
+    job = flow.state
+    outcome = outcome_of(job)
+    assert outcome.reason == "no_eligible_target"
+    assert outcome.attempts_used == 0
+    assert [(e.provider, e.model, e.reason_code) for e in outcome.excluded] == [
+        (e.provider, e.model, e.reason_code) for e in job.decisions[0].excluded
+    ]
+    assert {e.reason_code for e in outcome.excluded} == {"capability_missing", "disabled"}
+    assert job.final is not None
+    assert job.final.cost.attempts == []
+    total = job.final.cost.total
+    assert total is not None and total.amount == 0 and total.reason
+    assert terminal_event(job).data["reason"] == "no_eligible_target"
+
+
+def test_a_deadline_says_deadline_and_leaves_the_plan_untried() -> None:
+    flow = created_flow(make_request(deadline_ms=5_000))
+    plan = list(flow.state.plan)
+    flow.tick(secs(5))
+    outcome = outcome_of(flow.state)
+    assert flow.state.status is JobStatus.EXPIRED
+    assert outcome.reason == "deadline"
+    assert "5000 ms" in outcome.detail
+    assert [(u.provider, u.reason) for u in outcome.untried_targets] == [
+        (t.provider, "deadline") for t in plan
+    ]
+    assert terminal_event(flow.state).data["reason"] == "deadline"
+
+
+def test_a_cancel_says_who_cancelled() -> None:
+    flow = created_flow()
+    flow.apply(
+        CancelJob(
+            command_id="cancel-http",
+            job_id=flow.state.job_id,
+            at=secs(1),
+            tenant_id=TENANT,
+            reason="user pressed stop",
+            source="http",
+        )
+    )
+    outcome = outcome_of(flow.state)
+    assert outcome.reason == "cancelled"
+    assert outcome.cancelled_by == f"tenant {TENANT} via http"
+    assert "user pressed stop" in outcome.detail
+    assert terminal_event(flow.state).data["reason"] == "cancelled"
+
+
+def test_a_cancel_without_tenant_or_source_still_says_who() -> None:
+    flow = created_flow()
+    flow.cancel(at=secs(1), tenant_id=None)
+    assert outcome_of(flow.state).cancelled_by == "a producer"
+
+
+def test_an_internal_failure_says_internal() -> None:
+    flow = created_flow()
+    tick = Tick(command_id="tick-x", job_id=flow.state.job_id, at=secs(1))
+    decision = fail_internal(flow.state, tick, CTX, "KeyError")
+    assert decision.job is not None
+    outcome = outcome_of(decision.job)
+    assert outcome.reason == "internal"
+    assert "KeyError" in outcome.detail
+    assert terminal_event(decision.job).data["reason"] == "internal"
+
+
+def test_a_completed_job_says_completed_with_nothing_untried() -> None:
+    flow = created_flow()
+    flow.completed(at=secs(1))
+    outcome = outcome_of(flow.state)
+    assert outcome.reason == "completed"
+    assert (outcome.attempts_used, outcome.untried_targets) == (1, [])
+    assert terminal_event(flow.state).data["reason"] == "completed"
+
+
+def test_targets_skipped_for_an_open_circuit_are_listed_as_untried() -> None:
+    flow = created_flow()
+    plan = list(flow.state.plan)
+    health = {
+        t.provider: ProviderHealth(
+            provider=t.provider, circuit="open", opened_at=T0, error_rate=0.9, samples=10
+        )
+        for t in plan
+    }
+    flow.ctx = Context(catalogue=CATALOGUE, policy=POLICY, health=health)
+    flow.fail("quota_exhausted", at=secs(1))
+    outcome = outcome_of(flow.state)
+    assert outcome.reason == "targets_exhausted"
+    assert [(u.provider, u.reason) for u in outcome.untried_targets] == [
+        (t.provider, "circuit_open") for t in plan
+    ]
+
+
+# -- the cost of every attempt -------------------------------------------------------------------
+
+
+def test_a_provider_error_without_usage_costs_zero_saying_why() -> None:
+    flow = created_flow()
+    flow.fail("provider_internal", at=secs(1))
+    cost = flow.state.attempts[0].cost
+    assert cost is not None
+    assert (cost.amount, cost.estimated) == (Decimal(0), False)
+    assert cost.reason is not None and "nothing billed" in cost.reason
+
+
+def test_a_failure_that_reports_usage_is_priced_as_an_estimate() -> None:
+    flow = created_flow()
+    attempt = flow.state.attempts[0]
+    flow.fail("provider_internal", at=secs(1), raw_usage={"input_tokens": 1000, "output_tokens": 0})
+    cost = flow.state.attempts[0].cost
+    model = CATALOGUE.model(attempt.provider, attempt.model)
+    assert cost is not None and model is not None and model.prices is not None
+    assert cost.amount == 1000 * model.prices.input_per_mtok / Decimal(1_000_000)
+    assert cost.estimated is True
+    assert cost.reason is not None and "reported with its provider_internal" in cost.reason
+
+
+def test_a_timed_out_attempt_costs_unknown_with_a_reason() -> None:
+    flow = created_flow()
+    flow.started(at=secs(1))
+    flow.tick(flow.state.attempts[0].expires_at)
+    cost = flow.state.attempts[0].cost
+    assert cost is not None
+    assert (cost.amount, cost.estimated) == (None, True)
+    assert cost.reason is not None and cost.reason.startswith("unknown: timed out")
+
+
+def test_a_cancelled_attempt_costs_unknown_with_a_reason() -> None:
+    flow = created_flow()
+    flow.started(at=secs(1))
+    flow.cancel(at=secs(2))
+    job = flow.state
+    cost = job.attempts[0].cost
+    assert cost is not None and cost.amount is None
+    assert cost.reason is not None and "cancelled while running" in cost.reason
+    assert job.final is not None
+    (listed,) = job.final.cost.attempts
+    assert (listed.status, listed.cost) == ("CANCELLED", cost)
+    total = job.final.cost.total
+    assert total is not None and total.amount is None and total.reason
+
+
+def test_the_job_cost_lists_every_attempt_and_sums_them() -> None:
+    flow = created_flow()
+    fail_until_terminal(flow)
+    job = flow.state
+    assert job.final is not None
+    listed = job.final.cost.attempts
+    assert [(c.attempt_id, c.status) for c in listed] == [
+        (a.attempt_id, "FAILED") for a in job.attempts
+    ]
+    assert all(c.cost.amount == 0 and c.cost.reason for c in listed)
+    total = job.final.cost.total
+    assert total is not None
+    assert (total.amount, total.estimated) == (Decimal(0), False)
+
+
+def test_a_completed_job_after_a_timeout_sums_to_a_lower_bound() -> None:
+    flow = created_flow()
+    flow.tick(flow.state.attempts[0].expires_at)  # timed out: unknown
+    retry_at = flow.state.retry_at
+    assert retry_at is not None
+    flow.tick(retry_at)
+    flow.completed(at=retry_at + timedelta(seconds=1))
+    job = flow.state
+    assert job.final is not None
+    won = job.attempts[1].cost
+    total = job.final.cost.total
+    assert total is not None and won is not None
+    assert total.amount == won.amount
+    assert total.estimated is True
+    assert total.reason == "1 of 2 attempts have no known price; amount is a lower bound"
+
+
+# -- providers that cannot be routed to or sent to -----------------------------------------------
+
+
+def test_an_enabled_provider_without_credentials_is_excluded_with_the_reason() -> None:
+    unavailable = {
+        FIRST.provider: Unavailable("missing_credentials", f"{FIRST.provider} has no key")
+    }
+    flow = created_flow(ctx=Context(catalogue=CATALOGUE, policy=POLICY, unavailable=unavailable))
+    job = flow.state
+    assert all(a.provider != FIRST.provider for a in job.attempts)
+    assert all(t.provider != FIRST.provider for t in job.plan)
+    excluded = [e for e in job.decisions[0].excluded if e.provider == FIRST.provider]
+    assert excluded
+    assert {(e.reason_code, e.reason) for e in excluded} == {
+        ("missing_credentials", f"{FIRST.provider} has no key")
+    }
+
+
+def test_a_fallback_passes_over_a_provider_that_lost_its_credentials() -> None:
+    flow = created_flow()
+    gone, after = flow.state.plan[0], flow.state.plan[1]
+    flow.ctx = Context(
+        catalogue=CATALOGUE,
+        policy=POLICY,
+        unavailable={gone.provider: Unavailable("missing_credentials", "no key")},
+    )
+    flow.fail("quota_exhausted", at=secs(1))
+    assert flow.state.attempts[-1].target == after
+    fallback = next(e for e in flow.state.events if e.type == "fallback")
+    assert fallback.data["skipped"] == [{**gone.model_dump(), "reason": "missing_credentials"}]
+
+
+def test_resolve_providers_switches_on_from_the_environment_and_checks_keys() -> None:
+    resolved = resolve_providers(CATALOGUE, enable=["openai"], env={})
+    openai = resolved.catalogue.provider("openai")
+    assert openai is not None and openai.enabled
+    assert resolved.unavailable["openai"].reason_code == "missing_credentials"
+    assert "OPENAI_API_KEY" in resolved.unavailable["openai"].reason
+    assert "openai" not in resolved.routable()
+    keyed = resolve_providers(CATALOGUE, enable=["openai"], env={"OPENAI_API_KEY": "sk-x"})
+    assert keyed.unavailable == {}
+    assert "openai" in keyed.routable()
+    anthropic = keyed.catalogue.provider("anthropic")
+    assert anthropic is not None and not anthropic.enabled  # not named: as the catalogue says
+    assert "anthropic" not in keyed.unavailable  # disabled providers need no key
+
+
+def test_resolve_providers_refuses_an_unknown_name() -> None:
+    with pytest.raises(ConfigError, match="cannot enable nope"):
+        resolve_providers(CATALOGUE, enable=["nope"], env={})
+
+
+def test_an_undeliverable_dispatch_fails_its_attempt_at_once_and_falls_back() -> None:
+    flow = created_flow()
+    job = flow.state
+    first, next_target = job.attempts[0], job.plan[0]
+    decision = fail_undeliverable(job, {first.provider: "no topic"}, CTX, T0)
+    assert decision is not None and decision.job is not None
+    after = decision.job
+    failed = after.attempts[0]
+    assert failed.status is AttemptStatus.FAILED
+    assert failed.error is not None
+    assert failed.error.code is ErrorCode.DISPATCH_FAILED
+    assert failed.error.message == f"the dispatch to {first.provider} could not be sent: no topic"
+    assert failed.cost is not None and failed.cost.amount == 0
+    assert after.attempts[1].target == next_target
+    assert after.status is JobStatus.DISPATCHED
+    dispatch_entries = [e for e in after.outbox if e.topic == "dispatch"]
+    assert [e.provider for e in dispatch_entries] == [next_target.provider]
+    assert event_types(after)[-3:] == ["attempt_failed", "fallback", "dispatched"]
+    # Nothing undeliverable left: nothing to do.
+    assert fail_undeliverable(after, {first.provider: "no topic"}, CTX, T0) is None
+
+
+def test_when_no_dispatch_can_be_sent_the_job_fails_saying_why() -> None:
+    flow = created_flow()
+    everyone = {p.name: "no topic" for p in CATALOGUE.providers}
+    decision = fail_undeliverable(flow.state, everyone, CTX, T0)
+    assert decision is not None and decision.job is not None
+    job = decision.job
+    assert job.status is JobStatus.FAILED
+    assert all(a.error and a.error.code is ErrorCode.DISPATCH_FAILED for a in job.attempts)
+    assert not [e for e in job.outbox if e.topic in ("dispatch", "provider_cancel")]
+    outcome = outcome_of(job)
+    assert outcome.reason == "targets_exhausted"
+    assert job.final is not None and job.final.error is not None
+    assert job.final.error.code is ErrorCode.DISPATCH_FAILED

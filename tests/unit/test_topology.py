@@ -9,9 +9,16 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from domain.catalogue import load_catalogue
-from streams.topology import Topology, TopologyError, load_topology
+from streams.topology import (
+    MissingDispatchTopics,
+    Topology,
+    TopologyError,
+    catalogue_topology,
+    load_topology,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Topics the control plane's code refers to by logical name.
@@ -108,18 +115,100 @@ def test_a_missing_topics_file_raises_naming_it(tmp_path: Path) -> None:
         load_topology(missing)
 
 
-def test_every_catalogue_provider_has_a_dispatch_topic(topology: Topology) -> None:
+@pytest.fixture(scope="module")
+def with_catalogue() -> Topology:
+    return catalogue_topology(ROOT / "topics.yaml", ROOT / "config" / "catalogue.yaml")
+
+
+def test_every_catalogue_provider_has_a_dispatch_topic(with_catalogue: Topology) -> None:
     catalogue = load_catalogue(ROOT / "config" / "catalogue.yaml")
-    dispatch = topology.dispatch_topics()
+    dispatch = with_catalogue.dispatch_topics()
     for provider in catalogue.providers:
         assert provider.name in dispatch, f"no dispatch topic for provider {provider.name}"
         spec = dispatch[provider.name]
         assert spec.name == f"cp.dispatch.{provider.name}"
         assert spec.job_keyed
+        assert spec.partitions == with_catalogue.job_partitions()
 
 
-def test_every_dispatch_topic_belongs_to_a_catalogue_provider(topology: Topology) -> None:
+def test_every_dispatch_topic_belongs_to_a_catalogue_provider(with_catalogue: Topology) -> None:
     names = {p.name for p in load_catalogue(ROOT / "config" / "catalogue.yaml").providers}
-    dispatch_named = {name for name in topology.topics if name.startswith("cp.dispatch.")}
-    assert dispatch_named == {f"cp.dispatch.{provider}" for provider in topology.dispatch_topics()}
-    assert set(topology.dispatch_topics()) <= names
+    topics = with_catalogue.topics
+    dispatch_named = {name for name in topics if name.startswith("cp.dispatch.")}
+    assert dispatch_named == {f"cp.dispatch.{p}" for p in with_catalogue.dispatch_topics()}
+    assert set(with_catalogue.dispatch_topics()) == names
+
+
+def test_topics_yaml_lists_no_provider_queue_they_follow_from_the_catalogue(
+    topology: Topology,
+) -> None:
+    assert topology.dispatch_topics() == {}
+    assert not any(name.startswith("cp.dispatch.") for name in topology.topics)
+
+
+NEW_PROVIDER = {
+    "name": "local-llm",
+    "kind": "openai-compatible",
+    "region": "local",
+    "base_url": "http://127.0.0.1:1/v1",
+    "api_key_env": "LOCAL_LLM_KEY",
+    "models": [
+        {
+            "name": "m1",
+            "context_window": 8000,
+            "max_output_tokens": 1000,
+            "expected_latency_ms": 100,
+        }
+    ],
+}
+
+
+def test_a_provider_added_to_the_catalogue_alone_gets_a_dispatch_topic(tmp_path: Path) -> None:
+    catalogue = yaml.safe_load((ROOT / "config" / "catalogue.yaml").read_text())
+    catalogue["providers"].append(NEW_PROVIDER)
+    path = tmp_path / "catalogue.yaml"
+    path.write_text(yaml.safe_dump(catalogue))
+    topology = catalogue_topology(ROOT / "topics.yaml", path)
+    spec = topology.dispatch_topics()["local-llm"]
+    assert spec.name == "cp.dispatch.local-llm"
+    assert spec.job_keyed and spec.description
+    assert spec.partitions == topology.job_partitions()
+    assert spec.config == topology["cp.events"].config  # the defaults, like every topic
+
+
+def test_a_declared_dispatch_topic_overrides_the_template(tmp_path: Path) -> None:
+    path = write_topics(
+        tmp_path,
+        """
+defaults:
+  partitions: 8
+dispatch:
+  key: job_id
+  description: from the template
+  config:
+    retention.ms: "1000"
+topics:
+  cp.commands:
+    key: job_id
+  queue.for.a:
+    key: job_id
+    provider: a
+    description: declared
+    config:
+      retention.ms: "2000"
+""",
+    )
+    topology = load_topology(path, ["a", "b"])
+    dispatch = topology.dispatch_topics()
+    assert (dispatch["a"].name, dispatch["a"].description) == ("queue.for.a", "declared")
+    assert dispatch["a"].config["retention.ms"] == "2000"
+    assert (dispatch["b"].name, dispatch["b"].description) == ("cp.dispatch.b", "from the template")
+    assert dispatch["b"].config["retention.ms"] == "1000"
+    assert "cp.dispatch.a" not in topology.topics
+
+
+def test_a_missing_dispatch_topic_message_names_the_provider_and_the_fix() -> None:
+    error = MissingDispatchTopics({"local-llm": "x.cp.dispatch.local-llm"}, "127.0.0.1:9092")
+    message = str(error)
+    assert "local-llm" in message and "x.cp.dispatch.local-llm" in message
+    assert "make topics" in message and "python -m streams.admin" in message

@@ -127,12 +127,14 @@ def make_dispatch() -> MakeDispatch:
         provider_attempt_no: int = 1,
         idempotency_key: str = "job-1:att-1",
         timeout_ms: int = 30_000,
-        messages: list[tuple[str, str]] | None = None,
+        messages: list[tuple[str, str] | dict[str, Any]] | None = None,
         **request_fields: Any,
     ) -> Dispatch:
         chat = [
-            ChatMessage.model_validate({"role": role, "content": content})
-            for role, content in (messages or [("user", "Say hello to the test suite, please.")])
+            ChatMessage.model_validate(
+                m if isinstance(m, dict) else {"role": m[0], "content": m[1]}
+            )
+            for m in (messages or [("user", "Say hello to the test suite, please.")])
         ]
         request = JobRequest(request_id="req-1", messages=chat, **request_fields)
         return Dispatch(

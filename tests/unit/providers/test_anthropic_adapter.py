@@ -66,7 +66,10 @@ async def test_success_joins_text_blocks_and_keeps_cache_usage(
     outcome = await adapter.call(make_dispatch(model=MODEL))
     assert isinstance(outcome, Completed)
     assert outcome.output.text == "Hello, test suite."
-    assert outcome.output.finish_reason == "end_turn"
+    assert outcome.output.finish_reason == "stop"
+    assert outcome.output.provider_finish_reason == "end_turn"
+    assert outcome.output.tool_calls == []
+    assert outcome.output.refusal is None
     assert outcome.model == MODEL
     assert outcome.usage_shape == "anthropic"
     assert outcome.raw_usage is not None
@@ -278,7 +281,8 @@ async def test_empty_content_completes_with_empty_text(
     outcome = await adapter.call(make_dispatch(model=MODEL))
     assert isinstance(outcome, Completed)
     assert outcome.output.text == ""
-    assert outcome.output.finish_reason == "max_tokens"
+    assert outcome.output.finish_reason == "length"
+    assert outcome.output.provider_finish_reason == "max_tokens"
 
 
 async def test_call_after_close_is_a_programmer_error(

@@ -102,17 +102,19 @@ async def test_request_carries_model_messages_limits_and_auth(
     assert "response_format" not in received.body
 
 
-async def test_json_mode_capability_asks_for_a_json_object(
+async def test_json_mode_capability_only_routes_response_format_asks(
     adapter: OpenAICompatibleProvider, fake_provider: FakeProvider, make_dispatch: MakeDispatch
 ) -> None:
     fake_provider.reply(PATH, json=SUCCESS)
     await adapter.call(
         make_dispatch(max_output_tokens=64, constraints={"capabilities": ["json_mode"]})
     )
-    (received,) = fake_provider.received
-    assert received.body["response_format"] == {"type": "json_object"}
-    assert received.body["max_tokens"] == 64
-    assert "temperature" not in received.body
+    await adapter.call(make_dispatch(response_format={"type": "json_object"}))
+    routed_only, asked = fake_provider.received
+    assert "response_format" not in routed_only.body
+    assert routed_only.body["max_tokens"] == 64
+    assert "temperature" not in routed_only.body
+    assert asked.body["response_format"] == {"type": "json_object"}
 
 
 async def test_max_completion_tokens_can_replace_max_tokens(
