@@ -8,6 +8,10 @@ isolation and the non-streaming limit.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -396,3 +400,23 @@ async def test_openapi_documents_the_front_door(
     assert {"ChatCompletion", "ChatCompletionRequest", "OpenAIError"} <= set(
         document["components"]["schemas"]
     )
+
+
+def test_the_readme_front_door_example_runs_as_written(api_stack: ApiStack) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### OpenAI-compatible front door", 1)[1]
+    [example] = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    script = example.replace("http://127.0.0.1:6066", api_stack.cp2).replace(
+        '"order-42"', f'"readme-{uuid.uuid4().hex[:8]}"'
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "KEY": "key-a"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, (script, done.stdout, done.stderr)
+    job_id, _, text = done.stdout.strip().partition(" ")
+    assert job_id.startswith("job_") and text, done.stdout
