@@ -83,6 +83,16 @@ def chat_stack(bootstrap: str, run_id: str, root: Path, base_url: str) -> Stack:
             ],
         }
     )
+    catalogue["providers"].append(
+        {
+            "name": "local-claude",
+            "kind": "anthropic",
+            "region": "local",
+            "base_url": base_url.removesuffix("/v1"),
+            "api_key_env": KEY_ENV,
+            "models": [model_entry("claude-local-1", ["chat", "json_mode", "tools", "vision"])],
+        }
+    )
     catalogue["version"] = f"{catalogue['version']}-chat"
     catalogue_path.write_text(yaml.safe_dump(catalogue, sort_keys=False))
     env = {
@@ -148,20 +158,23 @@ async def test_tools_json_schema_and_image_go_only_to_capable_targets(
                     tool_choice="required",
                     model=["local-llm/text-only-1", "sim-smart/sage-pro-sim"],
                 ),
+                job(
+                    tenant, "anthropic", tool_choice="required", model="local-claude/claude-local-1"
+                ),
             ],
         )
         async with TopicReader(stack.bootstrap, stack.topic("cp.responses")) as responses:
             await responses.until(
-                lambda _: len({v["request_id"] for v in responses.values()}) >= 2,
+                lambda _: len({v["request_id"] for v in responses.values()}) >= 3,
                 timeout=90,
-                what="both final responses",
+                what="the three final responses",
             )
             finals = {v["request_id"]: v for v in responses.values() if v["tenant_id"] == tenant}
         async with TopicReader(stack.bootstrap, stack.topic("cp.events")) as events:
             await events.until(
-                lambda _: sum(1 for v in events.values() if v["type"] == "routed") >= 2,
+                lambda _: sum(1 for v in events.values() if v["type"] == "routed") >= 3,
                 timeout=30,
-                what="both routed events",
+                what="the three routed events",
             )
             job_ids = {final["job_id"]: rid for rid, final in finals.items()}
             decisions = {
@@ -200,7 +213,7 @@ async def test_tools_json_schema_and_image_go_only_to_capable_targets(
     assert pinned_excluded[("local-llm", "vision-tools-1")]["reason_code"] == "not_pinned"
 
     # The OpenAI-compatible provider got every field, as Chat Completions takes it.
-    (call,) = llm_server.calls
+    (call,) = [c for c in llm_server.calls if "tool_choice" in c and c["model"] != "claude-local-1"]
     assert call["model"] == "vision-tools-1"
     assert call["tools"] == [TOOL]
     assert call["tool_choice"] == "auto"
@@ -208,8 +221,26 @@ async def test_tools_json_schema_and_image_go_only_to_capable_targets(
     assert call["messages"][0]["content"][1] == {"type": "image_url", "image_url": {"url": PNG}}
     assert (call["stop"], call["seed"], call["user"]) == (["END"], 11, "user-1")
 
-    # Both answers are tool calls in the one output shape.
-    for request_id, provider in (("open", "local-llm"), ("pinned", "sim-smart")):
+    # The Anthropic adapter sent the same request as Messages takes it.
+    (claude,) = [c for c in llm_server.calls if c["model"] == "claude-local-1"]
+    assert claude["tools"] == [
+        {
+            "name": "get_weather",
+            "description": TOOL["function"]["description"],
+            "input_schema": TOOL["function"]["parameters"],
+        }
+    ]
+    assert claude["tool_choice"]["type"] == "any"
+    image = claude["messages"][0]["content"][1]
+    assert (image["type"], image["source"]["type"]) == ("image", "base64")
+    assert claude["stop_sequences"] == ["END"]
+
+    # Every answer is a tool call in the one output shape, whatever the provider.
+    for request_id, provider in (
+        ("open", "local-llm"),
+        ("pinned", "sim-smart"),
+        ("anthropic", "local-claude"),
+    ):
         final = finals[request_id]
         assert (final["state"], final["provider"]) == ("COMPLETED", provider), final
         output = final["output"]

@@ -1,4 +1,5 @@
-"""A local OpenAI-compatible `/v1/chat/completions` endpoint in a thread, for tests on the broker.
+"""A local LLM endpoint in a thread, for tests on the broker: OpenAI's `/v1/chat/completions` and
+Anthropic's `/v1/messages` wire formats.
 
 It records every request body and Authorization header; a request with tools is answered with a
 call of the first tool, any other with "pong". Bound to 127.0.0.1 on a free port.
@@ -27,11 +28,16 @@ class LocalLLM:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 server.calls.append(body)
-                server.auth.append(self.headers.get("Authorization", ""))
-                if not self.path.endswith("/chat/completions"):
+                server.auth.append(
+                    self.headers.get("Authorization", "") or self.headers.get("x-api-key", "")
+                )
+                if self.path.endswith("/chat/completions"):
+                    answer = json.dumps(server.answer(body)).encode()
+                elif self.path.endswith("/messages"):
+                    answer = json.dumps(server.anthropic_answer(body)).encode()
+                else:
                     self.send_error(404)
                     return
-                answer = json.dumps(server.answer(body)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -65,6 +71,26 @@ class LocalLLM:
             "model": body.get("model", "unknown"),
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": USAGE,
+        }
+
+    def anthropic_answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": "pong"}]
+        stop = "end_turn"
+        if body.get("tools"):
+            name = body["tools"][0]["name"]
+            content = [
+                {"type": "tool_use", "id": "toolu_7", "name": name, "input": {"city": "Paris"}}
+            ]
+            stop = "tool_use"
+        return {
+            "id": f"msg_{len(self.calls)}",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model", "unknown"),
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {"input_tokens": USAGE["prompt_tokens"], "output_tokens": 3},
         }
 
 
