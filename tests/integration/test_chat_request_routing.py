@@ -29,16 +29,17 @@ PNG = (
     "data:image/png;base64,"
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgAAIAAAUAAXpeqz8="
 )
+PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+}
 TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
         "description": "Current weather of a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
+        "parameters": PARAMETERS,
     },
 }
 RESPONSE_FORMAT = {
@@ -226,8 +227,8 @@ async def test_tools_json_schema_and_image_go_only_to_capable_targets(
     assert claude["tools"] == [
         {
             "name": "get_weather",
-            "description": TOOL["function"]["description"],
-            "input_schema": TOOL["function"]["parameters"],
+            "description": "Current weather of a city",
+            "input_schema": PARAMETERS,
         }
     ]
     assert claude["tool_choice"]["type"] == "any"
