@@ -46,7 +46,7 @@ demo: $(STAMP) kafka-up topics ## Run the system, submit a few jobs and print th
 lint: $(STAMP) ## ruff (lint + format check) and mypy --strict on every package
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy domain tables streams api providers bench tests
+	$(VENV)/bin/mypy domain tables streams api providers bench tests cli
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -58,8 +58,9 @@ test: lint system-deps kafka-up ## Lint, then every test tier against the real b
 system-deps: ## Install kcat, prometheus and chromium for the tests that drive them (Debian, root)
 	@scripts/system-deps.sh
 
-bench: $(STAMP) kafka-up ## Measure throughput, latency and memory; append to bench/results.md
+bench: $(STAMP) kafka-up ## Measure throughput, latency, memory and listing cost; append to bench/results.md
 	$(PY) -m bench.throughput
+	$(PY) -m bench.listing $(LIST_ARGS)
 
 api-fuzz: $(STAMP) kafka-up ## Fuzz the HTTP API of a fresh two-worker stack with schemathesis
 	$(PY) -m tests.api.fuzz $(FUZZ_ARGS)

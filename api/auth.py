@@ -47,12 +47,12 @@ class KeyRing:
         return None
 
 
-def authenticate(ring: KeyRing, request: web.Request, *, allow_query: bool = False) -> str:
-    """Return the caller's tenant or raise 401."""
+def authenticate(ring: KeyRing, request: web.Request) -> str:
+    """Return the caller's tenant or raise 401; a key is only ever read from the header."""
     header = request.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        key = request.query.get("key", "") if allow_query else ""
+        key = ""
     tenant = ring.tenant_for(key.strip()) if key.strip() else None
     if tenant is None:
         raise Problem(

@@ -77,6 +77,69 @@ _EVENTS = {
 }
 
 
+_LIST = {
+    "type": "object",
+    "required": ["items", "next_cursor"],
+    "properties": {
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["job_id", "request_id", "state", "created_at", "updated_at", "links"],
+                "properties": {
+                    "job_id": {"type": "string"},
+                    "request_id": {"type": "string"},
+                    "state": {"type": "string"},
+                    "terminal": {"type": "boolean"},
+                    "created_at": {"type": "string"},
+                    "updated_at": {"type": "string"},
+                    "provider": {"type": ["string", "null"]},
+                    "model": {"type": ["string", "null"]},
+                    "links": _LINKS,
+                },
+            },
+        },
+        "next_cursor": {"type": ["string", "null"]},
+    },
+}
+_LIST_PARAMS = [
+    {
+        "name": "state",
+        "in": "query",
+        "required": False,
+        "description": "A job state, `open` or `terminal`; several comma-separated",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "since",
+        "in": "query",
+        "required": False,
+        "description": "created_at at or after this RFC 3339 time",
+        "schema": {"type": "string", "format": "date-time"},
+    },
+    {
+        "name": "until",
+        "in": "query",
+        "required": False,
+        "description": "created_at before this RFC 3339 time",
+        "schema": {"type": "string", "format": "date-time"},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "next_cursor of the previous page",
+        "schema": {"type": "string"},
+    },
+]
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -84,6 +147,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _problems(*codes: int) -> dict[str, Any]:
     titles = {
         401: "No or unknown API key",
+        403: "Expired or invalid signed link",
         404: "No such job for this tenant",
         409: "Conflict",
         413: "Body too large",
@@ -123,7 +187,11 @@ def openapi_document() -> dict[str, Any]:
     )
     schemas.update(_schemas(FinalResponse, JobEvent, mode="serialization"))
     schemas.update(
-        Problem=_PROBLEM, Accepted=_ACCEPTED, JobStatusView=_STATUS, JobEventsView=_EVENTS
+        Problem=_PROBLEM,
+        Accepted=_ACCEPTED,
+        JobStatusView=_STATUS,
+        JobEventsView=_EVENTS,
+        JobListView=_LIST,
     )
     schemas.update(openai_schemas())
     ref = REF.format
@@ -142,6 +210,18 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": {
             "/jobs": {
+                "get": {
+                    "summary": "The caller's jobs, newest first, from every partition",
+                    "description": "Pages of `limit` job summaries; pass `next_cursor` as "
+                    "`cursor` for the next page (null on the last). A partition no worker "
+                    "serves right now answers 503 with `missing_partitions`, never a page "
+                    "with a gap. Retired jobs are not listed.",
+                    "parameters": _LIST_PARAMS,
+                    "responses": {
+                        "200": _json({"$ref": ref(model="JobListView")}, "A page"),
+                        **_problems(401, 422, 500, 503),
+                    },
+                },
                 "post": {
                     "summary": "Submit a job (tenant from the API key)",
                     "requestBody": {
@@ -154,11 +234,33 @@ def openapi_document() -> dict[str, Any]:
                         "202": _json({"$ref": ref(model="Accepted")}, "Accepted (or the same job)"),
                         **_problems(401, 409, 413, 415, 422, 500, 503),
                     },
+                },
+            },
+            "/jobs/by-request/{request_id}": {
+                "get": {
+                    "summary": "The status of the caller's job for a request_id",
+                    "description": "The job id is derived from (tenant, request_id): what a "
+                    "Kafka producer, given no job id, reads its job by. The same answers as "
+                    "GET /jobs/{job_id}: 410 once the job retired.",
+                    "parameters": [
+                        {
+                            "name": "request_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json({"$ref": ref(model="JobStatusView")}, "Status"),
+                        **read,
+                    },
                 }
             },
             "/jobs/{job_id}": {
                 "get": {
                     "summary": "Job status, transitions, attempts and routing",
+                    "description": "`links.timeline_signed` is a short-lived link to the timeline "
+                    "page that needs no API key (CP_LINK_TTL_S).",
                     "parameters": [_JOB_ID],
                     "responses": {
                         "200": _json({"$ref": ref(model="JobStatusView")}, "Status"),
@@ -206,11 +308,19 @@ def openapi_document() -> dict[str, Any]:
             "/jobs/{job_id}/timeline": {
                 "get": {
                     "summary": "The timeline as a self-contained HTML page",
-                    "description": "Browsers may pass the API key as ?key= instead of a header.",
+                    "description": "Send the API key as a bearer header, or open the "
+                    "short-lived signed link `links.timeline_signed` of GET /jobs/{job_id} (no key "
+                    "in the URL); an expired or invalid link is 403.",
                     "parameters": [
                         _JOB_ID,
                         {
-                            "name": "key",
+                            "name": "exp",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+                        },
+                        {
+                            "name": "sig",
                             "in": "query",
                             "required": False,
                             "schema": {"type": "string"},
@@ -222,6 +332,7 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"text/html": {"schema": {"type": "string"}}},
                         },
                         **read,
+                        **_problems(403),
                     },
                 }
             },

@@ -10,8 +10,17 @@ from streams.app import app, core
 
 FORWARDED = "X-CP-Forwarded"
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
-#: Headers of the owner's answer passed on to the client (the OpenAI front door's job headers too).
-_RELAYED = {"retry-after", "location", "x-job-id", "x-request-id", "x-should-retry"}
+#: Headers of the owner's answer passed on to the client (the OpenAI front door's job headers
+#: too, and the timeline page's referrer and cache policy).
+_RELAYED = {
+    "retry-after",
+    "location",
+    "x-job-id",
+    "x-request-id",
+    "x-should-retry",
+    "referrer-policy",
+    "cache-control",
+}
 
 
 def _ident(url: URL) -> tuple[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from api.auth import KeyRing, authenticate
+from api.callbacks import check_callback
+from api.links import LinkExpired, LinkInvalid, LinkSigner
+from api.listing import list_jobs
 from api.openapi import openapi_document
 from api.problems import Problem, json_response, not_found, unavailable
 from api.render import accepted_body, events_body, status_body, timestamp
@@ -40,6 +44,7 @@ from tables.jobs import RetiredJob
 
 log = logging.getLogger(__name__)
 keyring = KeyRing.from_settings(settings)
+signer = LinkSigner.from_settings(settings)
 
 #: Longest long-poll a client may ask for with ?wait=N.
 MAX_WAIT_S = 30.0
@@ -176,6 +181,11 @@ class OpenAPI(View):
 @app.page("/jobs")
 class Jobs(View):
     @problems
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        """The caller's jobs, newest first, across every partition (`api.listing`)."""
+        return await list_jobs(request, authenticate(keyring, request))
+
+    @problems
     async def post(self, request: web.Request) -> web.StreamResponse:
         tenant = authenticate(keyring, request)
         if request.content_type != "application/json":
@@ -187,6 +197,7 @@ class Jobs(View):
             )
         body = await _read_body(request)
         payload = _parse_request(body, tenant)
+        check_callback(settings, payload, tenant)
         job_id = job_id_for(tenant, payload.request_id)
         forwarded = await owned(request, job_id, body=body)
         if forwarded is not None:
@@ -324,6 +335,23 @@ def _parse_request(body: bytes, tenant: str) -> JobRequest:
         ) from None
 
 
+@app.page("/jobs/by-request/{request_id:.+}")
+class JobByRequest(View):
+    """The status of the caller's job for a request_id (a Kafka producer is given no job id).
+
+    Registered before `/jobs/{job_id}/...`, so that a request_id such as `result` is one too.
+    """
+
+    @problems
+    async def get(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        tenant = authenticate(keyring, request)
+        job_id = job_id_for(tenant, request_id)
+        forwarded = await owned(request, job_id)
+        if forwarded is not None:
+            return forwarded
+        return json_response(status_body(load(job_id, tenant)))
+
+
 @app.page("/jobs/{job_id}")
 class JobStatus(View):
     @problems
@@ -332,7 +360,9 @@ class JobStatus(View):
         forwarded = await owned(request, job_id)
         if forwarded is not None:
             return forwarded
-        return json_response(status_body(load(job_id, tenant)))
+        body = status_body(load(job_id, tenant))
+        body["links"]["timeline_signed"] = signer.timeline_link(job_id, tenant, time.time())
+        return json_response(body)
 
 
 @app.page("/jobs/{job_id}/result")
@@ -396,14 +426,75 @@ class JobEvents(View):
 
 @app.page("/jobs/{job_id}/timeline")
 class JobTimeline(View):
+    """A bearer key, or the signed link of `GET /jobs/{id}`; never a key in the URL."""
+
     @problems
     async def get(self, request: web.Request, job_id: str) -> web.StreamResponse:
-        tenant = authenticate(keyring, request, allow_query=True)
+        keyed = "Authorization" in request.headers or "sig" not in request.query
+        tenant = authenticate(keyring, request) if keyed else None
+        if tenant is None:
+            _link_expiry(request)  # an expired link is refused here, before any forward
         forwarded = await owned(request, job_id)
         if forwarded is not None:
             return forwarded
-        html = timeline_page(load(job_id, tenant))
-        return web.Response(text=html, content_type="text/html", charset="utf-8")
+        job = load(job_id, tenant) if tenant is not None else _linked(request, job_id)
+        return web.Response(
+            text=timeline_page(job),
+            content_type="text/html",
+            charset="utf-8",
+            headers=PAGE_HEADERS,
+        )
+
+
+#: The page names a job and its providers: no referrer carries its URL away, no cache keeps it.
+PAGE_HEADERS = {"Referrer-Policy": "no-referrer", "Cache-Control": "private, no-store"}
+
+
+def _link_problem(exc: LinkInvalid | LinkExpired) -> Problem:
+    if isinstance(exc, LinkExpired):
+        return Problem(
+            403,
+            "link-expired",
+            "Link expired",
+            f"{exc}; get a fresh one from GET /jobs/{{id}} (links.timeline_signed)",
+        )
+    return Problem(
+        403,
+        "link-invalid",
+        "Link invalid",
+        "the link does not open this page; get one from GET /jobs/{id} (links.timeline_signed)",
+    )
+
+
+def _link_expiry(request: web.Request) -> None:
+    try:
+        signer.check_expiry(request.query.get("exp", ""), time.time())
+    except (LinkInvalid, LinkExpired) as exc:
+        raise _link_problem(exc) from None
+
+
+def _linked(request: web.Request, job_id: str) -> Job:
+    """The job a signed link opens: checked against the tenant that owns it, else 403.
+
+    A missing job answers like a bad signature: a link reveals nothing about other ids.
+    """
+    job = stored(job_id)
+    tenant = job.tenant_id if job is not None else None
+    retired = core.retired(job_id) if job is None else None
+    if retired is not None:
+        tenant = retired.tenant_id
+    try:
+        if tenant is None:
+            raise LinkInvalid("no such job")
+        signer.verify(
+            job_id, tenant, request.query.get("exp", ""), request.query.get("sig", ""), time.time()
+        )
+    except (LinkInvalid, LinkExpired) as exc:
+        raise _link_problem(exc) from None
+    if retired is not None:
+        raise gone(retired)
+    assert job is not None
+    return job
 
 
 @app.page("/jobs/{job_id}/cancel")

@@ -66,6 +66,23 @@ class MarkPublished(_Command):
     entry_ids: list[str]
 
 
+class RecordWebhook(_Command):
+    """One attempt at delivering the job's completion webhook, from the webhook sender.
+
+    `outcome`: `delivered` (2xx), `failed` (will be retried) or `gave_up` (no more attempts).
+    """
+
+    kind: Literal["webhook"] = "webhook"
+    delivery_id: str = Field(min_length=1, max_length=256)
+    attempt: int = Field(ge=1)
+    outcome: Literal["delivered", "failed", "gave_up"]
+    status_code: int | None = None
+    latency_ms: int | None = Field(default=None, ge=0)
+    error: str | None = Field(default=None, max_length=1000)
+    next_attempt_at: AwareDatetime | None = None
+
+
 Command = Annotated[
-    CreateJob | RecordResult | Tick | CancelJob | MarkPublished, Field(discriminator="kind")
+    CreateJob | RecordResult | Tick | CancelJob | MarkPublished | RecordWebhook,
+    Field(discriminator="kind"),
 ]

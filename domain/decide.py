@@ -16,7 +16,15 @@ from decimal import Decimal
 from typing import Any
 
 from domain.catalogue import Catalogue, Unavailable
-from domain.commands import CancelJob, Command, CreateJob, MarkPublished, RecordResult, Tick
+from domain.commands import (
+    CancelJob,
+    Command,
+    CreateJob,
+    MarkPublished,
+    RecordResult,
+    RecordWebhook,
+    Tick,
+)
 from domain.errors import CanonicalError, ErrorCode, canonical_error
 from domain.health import ProviderHealth, effective_circuit
 from domain.ids import attempt_id_for, idempotency_key
@@ -40,6 +48,10 @@ from domain.pricing import price_usage, total_cost
 from domain.provider_errors import map_provider_error
 from domain.routing import ExcludedCandidate, RoutingDecision, Target, route
 from domain.usage import Usage, normalize_usage
+from domain.webhooks import delivery_id
+
+#: Webhook attempts recorded in a job's timeline before further failed ones are only counted.
+MAX_WEBHOOK_EVENTS = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +297,8 @@ class _Step:
         data["outcome"] = outcome.model_dump(mode="json")
         self.event(kind, attempt_id=current.attempt_id if current else None, **data)
         self.outbox("r", "responses")
+        if self.job.request.callback_url is not None:
+            self.outbox("w", "webhook")
 
     def untried(self, reason: str) -> list[UntriedTarget]:
         """Targets of the plan no attempt went to: those passed over, then the rest of the plan."""
@@ -448,7 +462,8 @@ def decide(job: Job | None, command: Command, ctx: Context) -> Decision:
         return Decision(job=job, outcome="duplicate_command", publish=tuple(job.outbox))
     if isinstance(command, CreateJob):
         return _create(job, command, ctx)
-    if job is None and isinstance(command, Tick | MarkPublished):
+    if job is None and isinstance(command, Tick | MarkPublished | RecordWebhook):
+        # A webhook attempt for a job retired meanwhile: nothing left to record it in.
         return Decision(job=None, outcome="noop")
     if (
         isinstance(command, CancelJob)
@@ -474,6 +489,8 @@ def decide(job: Job | None, command: Command, ctx: Context) -> Decision:
             outcome = _result(step, command.result)
         elif isinstance(command, Tick):
             outcome = _tick(step)
+        elif isinstance(command, RecordWebhook):
+            outcome = _webhook(step, command)
         else:
             outcome = _cancel(step, command)
     except _Illegal as exc:
@@ -482,7 +499,7 @@ def decide(job: Job | None, command: Command, ctx: Context) -> Decision:
         outcome = "noop"
     if not step.entries and outcome == "noop":
         return Decision(job=job, outcome="noop")
-    if command.kind in ("result", "cancel"):
+    if command.kind in ("result", "cancel", "webhook"):
         step.update(seen_commands=[*step.job.seen_commands, command.command_id][-SEEN_COMMANDS:])
     return Decision(
         job=step.job,
@@ -853,6 +870,33 @@ def _tick(step: _Step) -> str:
         _attempt_failed(step, current, error, AttemptStatus.TIMED_OUT, latency, cost=cost)
         return "attempt_timed_out"
     return "noop"
+
+
+def _webhook(step: _Step, command: RecordWebhook) -> str:
+    """Record one completion-webhook attempt in the finished job's timeline."""
+    job = step.job
+    if (
+        not job.terminal
+        or job.request.callback_url is None
+        or command.delivery_id != delivery_id(job.job_id)
+    ):
+        return "noop"
+    recorded = sum(1 for e in job.events if e.type.startswith("webhook_"))
+    if command.outcome == "failed" and recorded >= MAX_WEBHOOK_EVENTS:
+        step.update(ignored_events=job.ignored_events + 1)
+        return "webhook_failed"
+    data: dict[str, Any] = {
+        "delivery_id": command.delivery_id,
+        "attempt": command.attempt,
+        "status_code": command.status_code,
+        "latency_ms": command.latency_ms,
+    }
+    if command.error is not None:
+        data["error"] = command.error
+    if command.next_attempt_at is not None:
+        data["next_attempt_at"] = command.next_attempt_at.isoformat()
+    step.event(f"webhook_{command.outcome}", **data)
+    return f"webhook_{command.outcome}"
 
 
 def _cancel(step: _Step, command: CancelJob) -> str:

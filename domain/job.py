@@ -19,7 +19,7 @@ SEEN_COMMANDS = 64
 #: Ignored duplicates and late results recorded in the timeline before they are only counted.
 MAX_IGNORED_EVENTS = 50
 
-OutboxTopic = Literal["dispatch", "provider_cancel", "events", "responses"]
+OutboxTopic = Literal["dispatch", "provider_cancel", "events", "responses", "webhook"]
 
 
 class _Frozen(BaseModel):

@@ -38,6 +38,7 @@ from domain.errors import CanonicalError, ErrorCode
 from domain.limits import INT_MAX, INT_MIN, METADATA, RAW_USAGE, check_tree
 from domain.money import Cost, Money
 from domain.usage import Usage
+from domain.webhooks import check_callback_url
 
 SCHEMA_VERSION = 1
 
@@ -173,6 +174,7 @@ ADDED_FIELDS = (
     "top_p",
     "seed",
     "user",
+    "callback_url",
 )
 #: The same for the optional fields ChatMessage gained.
 ADDED_MESSAGE_FIELDS = ("tool_call_id", "tool_calls")
@@ -205,6 +207,8 @@ class JobRequest(Message):
     top_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=INT_MIN, le=INT_MAX)
     user: str | None = Field(default=None, min_length=1, max_length=256)
+    #: Where the final response is POSTed, signed, when the job ends (domain.webhooks).
+    callback_url: Annotated[str, AfterValidator(check_callback_url)] | None = None
 
     @model_validator(mode="after")
     def _tools_agree(self) -> JobRequest:
@@ -466,3 +470,19 @@ class DeadLetter(Message):
     payload_b64: str
     payload_size: int
     at: datetime
+
+
+class WebhookDelivery(Message):
+    """A job's completion webhook, owed to its callback URL (cp.webhooks, key job_id).
+
+    `delivery_id` is the same on every attempt (the `webhook-id` header): receivers dedup by it.
+    """
+
+    schema_version: Literal[1] = 1
+    type: Literal["webhook_delivery"] = "webhook_delivery"
+    delivery_id: str
+    job_id: str
+    tenant_id: str
+    callback_url: str
+    response: FinalResponse
+    trace: TraceContext = Field(default_factory=TraceContext)

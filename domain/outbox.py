@@ -6,7 +6,8 @@ from pydantic import BaseModel
 
 from domain.ids import idempotency_key
 from domain.job import Job, OutboxEntry
-from domain.messages import Dispatch, ProviderCancel
+from domain.messages import Dispatch, ProviderCancel, WebhookDelivery
+from domain.webhooks import delivery_id
 
 
 class UnrenderableEntry(ValueError):
@@ -23,6 +24,18 @@ def render(job: Job, entry: OutboxEntry) -> BaseModel:
         if job.final is None:
             raise UnrenderableEntry(f"{job.job_id}: no final response")
         return job.final
+    if entry.topic == "webhook":
+        callback = job.request.callback_url
+        if job.final is None or callback is None:
+            raise UnrenderableEntry(f"{job.job_id}: no final response or no callback_url")
+        return WebhookDelivery(
+            delivery_id=delivery_id(job.job_id),
+            job_id=job.job_id,
+            tenant_id=job.tenant_id,
+            callback_url=callback,
+            response=job.final,
+            trace=job.trace,
+        )
     attempt = job.attempt(entry.attempt_id or "")
     if attempt is None:
         raise UnrenderableEntry(f"{job.job_id}: no attempt {entry.attempt_id}")

@@ -31,6 +31,11 @@ is excluded as `not_pinned`, and a pin no catalogue target answers to is listed 
 every hard constraint. The order is the pin's: `chosen` is the first eligible target of the first
 pin entry that has one, the plan the following eligible pinned targets (same provider or not),
 targets of one entry in score order; the decision records the pin as `pin`.
+
+Replay: `route` reads a request only through `RoutingInputs` (`route_inputs` routes those), and the
+decision records all of them (with the request's limits as `constraints` and the providers without
+credentials as `unavailable`), so `domain.replay` can route a recorded decision again under another
+catalogue or policy.
 """
 
 from __future__ import annotations
@@ -115,6 +120,49 @@ class ExcludedCandidate(_Frozen):
     reason: str
 
 
+class RecordedConstraints(_Frozen):
+    """The request's limits routing applied, recorded in the decision so it can be replayed."""
+
+    max_output_tokens: int | None = None
+    max_cost: Money | None = None
+    max_latency_ms: int | None = None
+    allow: list[str] | None = None
+    deny: list[str] = []
+
+
+class RoutingInputs(_Frozen):
+    """Everything of a request that routing reads: `route` is `route_inputs` of these.
+
+    A decision records them (`domain.replay.recorded_inputs`), so a replay can route the same
+    request again under another catalogue or policy without the request itself.
+    """
+
+    preference: Preference
+    prompt_tokens_estimate: int
+    constraints: RecordedConstraints
+    #: Each capability needed, with what in the request needs it (domain.requirements).
+    needs: dict[str, list[str]]
+    pins: list[str]
+
+    @classmethod
+    def of(cls, request: JobRequest) -> RoutingInputs:
+        """Take the routing inputs of a request."""
+        c = request.constraints
+        return cls(
+            preference=request.preference,
+            prompt_tokens_estimate=estimate_tokens(request.prompt_text()),
+            constraints=RecordedConstraints(
+                max_output_tokens=request.max_output_tokens,
+                max_cost=c.max_cost,
+                max_latency_ms=c.max_latency_ms,
+                allow=None if c.providers.allow is None else list(c.providers.allow),
+                deny=list(c.providers.deny),
+            ),
+            needs=requirement_sources(request),
+            pins=request.pins(),
+        )
+
+
 class RoutingDecision(_Frozen):
     """The full, replayable outcome of routing one job; `chosen` is None when nothing fits."""
 
@@ -131,6 +179,10 @@ class RoutingDecision(_Frozen):
     pin: list[str] | None = None
     #: Every capability a target had to have (domain.requirements), sorted.
     required_capabilities: list[str] = []
+    #: The request's limits (None in decisions recorded before they were: see domain.replay).
+    constraints: RecordedConstraints | None = None
+    #: Providers this process could not route to, with why (None when not recorded).
+    unavailable: dict[str, str] | None = None
 
     def targets(self) -> list[Target]:
         """Return the chosen target followed by the fallback plan."""
@@ -160,7 +212,7 @@ def _expected_latency(model: ModelSpec, health: ProviderHealth | None) -> int:
 
 
 def _check(
-    request: JobRequest,
+    inputs: RoutingInputs,
     provider: ProviderSpec,
     model: ModelSpec,
     *,
@@ -170,11 +222,10 @@ def _check(
     now: datetime,
     exclude: frozenset[tuple[str, str]],
     unavailable: Unavailable | None = None,
-    needs: Mapping[str, list[str]] | None = None,
-    pins: list[str] | None = None,
 ) -> tuple[ReasonCode, str] | _Eligible:
     """Apply the hard constraints to one target: the first failing one, or the eligible values."""
-    constraints = request.constraints
+    constraints = inputs.constraints
+    pins = inputs.pins
     if not provider.enabled:
         return "disabled", f"provider {provider.name} is disabled in the catalogue"
     if unavailable is not None:
@@ -183,26 +234,26 @@ def _check(
         return "excluded", "excluded by the caller (already tried or failed)"
     if pins and not any(_pinned(pin, provider.name, model.name) for pin in pins):
         return "not_pinned", f"not among the request's pinned targets: {', '.join(pins)}"
-    allow = constraints.providers.allow
+    allow = constraints.allow
     if allow is not None and provider.name not in allow:
         return "provider_not_allowed", f"provider {provider.name} is not in the allow list"
-    if provider.name in constraints.providers.deny:
+    if provider.name in constraints.deny:
         return "provider_denied", f"provider {provider.name} is in the deny list"
-    needs = needs if needs is not None else requirement_sources(request)
+    needs = inputs.needs
     missing = model.supports(list(needs))
     if missing:
         return "capability_missing", "model lacks capabilities: " + ", ".join(
             f"{c} (needed by {' and '.join(needs[c])})" for c in missing
         )
     if (
-        request.max_output_tokens is not None
-        and request.max_output_tokens > model.max_output_tokens
+        constraints.max_output_tokens is not None
+        and constraints.max_output_tokens > model.max_output_tokens
     ):
         return "output_limit", (
-            f"requested max_output_tokens {request.max_output_tokens} exceeds the model's "
+            f"requested max_output_tokens {constraints.max_output_tokens} exceeds the model's "
             f"limit {model.max_output_tokens}"
         )
-    max_output = _max_output(request, policy, model)
+    max_output = _max_output(inputs, policy, model)
     if prompt_tokens + max_output > model.context_window:
         return "context_window", (
             f"estimated prompt {prompt_tokens} + max output {max_output} tokens exceed "
@@ -243,10 +294,10 @@ def _check(
     )
 
 
-def _max_output(request: JobRequest, policy: RoutingPolicy, model: ModelSpec) -> int:
+def _max_output(inputs: RoutingInputs, policy: RoutingPolicy, model: ModelSpec) -> int:
     """Return the output budget of an attempt: the request's, else the policy default capped."""
-    if request.max_output_tokens is not None:
-        return request.max_output_tokens
+    if inputs.constraints.max_output_tokens is not None:
+        return inputs.constraints.max_output_tokens
     return min(policy.default_max_output_tokens, model.max_output_tokens)
 
 
@@ -257,9 +308,9 @@ def _ratio(best: float, value: float) -> float:
     return best / value
 
 
-def _reference_currency(request: JobRequest, eligible: list[_Eligible]) -> str | None:
-    if request.constraints.max_cost is not None:
-        return request.constraints.max_cost.currency
+def _reference_currency(inputs: RoutingInputs, eligible: list[_Eligible]) -> str | None:
+    if inputs.constraints.max_cost is not None:
+        return inputs.constraints.max_cost.currency
     counts = Counter(e.cost.currency for e in eligible if e.cost is not None)
     if not counts:
         return None
@@ -267,16 +318,16 @@ def _reference_currency(request: JobRequest, eligible: list[_Eligible]) -> str |
 
 
 def _score(
-    request: JobRequest, policy: RoutingPolicy, eligible: list[_Eligible]
+    inputs: RoutingInputs, policy: RoutingPolicy, eligible: list[_Eligible]
 ) -> list[ScoredCandidate]:
-    currency = _reference_currency(request, eligible)
+    currency = _reference_currency(inputs, eligible)
     comparable = [
         e.cost.amount for e in eligible if e.cost is not None and e.cost.currency == currency
     ]
     cheapest = min(comparable) if comparable else None
     fastest = float(min((e.latency_ms for e in eligible), default=0))
     most_reliable = max((e.reliability for e in eligible), default=0.0)
-    weights = policy.weights_for(request.preference)
+    weights = policy.weights_for(inputs.preference)
     scored = []
     for e in eligible:
         if e.cost is None or e.cost.currency != currency or cheapest is None:
@@ -382,17 +433,39 @@ def route(
     unavailable: Mapping[str, Unavailable] | None = None,
 ) -> RoutingDecision:
     """Decide where a job goes and where it falls back to; same inputs give the same decision."""
+    return route_inputs(
+        RoutingInputs.of(request),
+        catalogue=catalogue,
+        policy=policy,
+        health=health,
+        now=now,
+        exclude=exclude,
+        unavailable=unavailable,
+    )
+
+
+def route_inputs(
+    inputs: RoutingInputs,
+    *,
+    catalogue: Catalogue,
+    policy: RoutingPolicy,
+    health: Mapping[str, ProviderHealth],
+    now: datetime,
+    exclude: Collection[tuple[str, str]] = (),
+    unavailable: Mapping[str, Unavailable] | None = None,
+) -> RoutingDecision:
+    """`route` on a request's recorded routing inputs (what `domain.replay` re-runs)."""
     if now.tzinfo is None:
         raise ValueError("route needs an aware datetime")
-    prompt_tokens = estimate_tokens(request.prompt_text())
+    prompt_tokens = inputs.prompt_tokens_estimate
     excluded_set = frozenset((str(p), str(m)) for p, m in exclude)
-    needs = requirement_sources(request)
-    pins = request.pins()
+    needs = inputs.needs
+    pins = inputs.pins
     eligible: list[_Eligible] = []
     excluded: list[ExcludedCandidate] = []
     for provider, model in catalogue.targets():
         verdict = _check(
-            request,
+            inputs,
             provider,
             model,
             prompt_tokens=prompt_tokens,
@@ -401,8 +474,6 @@ def route(
             now=now,
             exclude=excluded_set,
             unavailable=(unavailable or {}).get(provider.name),
-            needs=needs,
-            pins=pins,
         )
         if isinstance(verdict, _Eligible):
             eligible.append(verdict)
@@ -414,7 +485,7 @@ def route(
                 )
             )
     excluded.extend(_unknown_pins(pins, catalogue))
-    ranked = _score(request, policy, eligible)
+    ranked = _score(inputs, policy, eligible)
     if pins:
         chosen, plan = _pinned_plan(ranked, pins, policy.retry.max_attempts_per_job)
     else:
@@ -424,7 +495,7 @@ def route(
     return RoutingDecision(
         policy_version=policy.version,
         catalogue_version=catalogue.version,
-        preference=request.preference,
+        preference=inputs.preference,
         prompt_tokens_estimate=prompt_tokens,
         candidates=ranked,
         excluded=excluded,
@@ -433,4 +504,6 @@ def route(
         fallback_plan=plan,
         pin=pins or None,
         required_capabilities=list(needs),
+        constraints=inputs.constraints,
+        unavailable={name: u.reason for name, u in sorted((unavailable or {}).items())},
     )

@@ -25,6 +25,7 @@ from domain.messages import (
     JobRequest,
     ProviderCancel,
     ProviderResult,
+    WebhookDelivery,
 )
 
 #: Default output directory of `python -m domain.schemas`, relative to the working directory.
@@ -40,6 +41,7 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "job_event": JobEvent,
     "final_response": FinalResponse,
     "dead_letter": DeadLetter,
+    "webhook_delivery": WebhookDelivery,
 }
 
 

@@ -726,17 +726,30 @@ async def serve(settings: Settings) -> None:
     catalogue = resolved.catalogue
     adapters = build_adapters(catalogue, timeout_s=settings.provider_timeout_s)
     worker = ProviderWorker(settings, catalogue, adapters, data_dir=settings.provider_data_dir)
+    # Completion webhooks: their own consumer group, in this process (providers.webhooks).
+    from providers.webhooks import WebhookSender
+
+    webhooks = WebhookSender(settings)
+
+    def stop() -> None:
+        worker.request_stop()
+        webhooks.request_stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, worker.request_stop)
+            loop.add_signal_handler(sig, stop)
     runner = web.AppRunner(status_app(worker))
     await runner.setup()
     site = web.TCPSite(runner, settings.web_host, settings.provider_web_port)
     await site.start()
+    sending = asyncio.create_task(webhooks.run())
     try:
         await worker.run()
     finally:
+        webhooks.request_stop()
+        with contextlib.suppress(Exception):
+            await sending
         await runner.cleanup()
 
 

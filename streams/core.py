@@ -33,6 +33,7 @@ from domain.ids import job_id_for
 from domain.job import Job, OutboxEntry
 from domain.messages import CancelRequest, Dispatch, TraceContext
 from domain.outbox import render
+from domain.webhooks import parse_allowed_hosts, refusal
 from streams.assignor import CopartitionedAssignor
 from streams.deadletter import dead_letter_record
 from streams.metrics import Metrics
@@ -119,6 +120,8 @@ class JobCore:
         self.results_topic = settings.topic("cp.results")
         self.events_topic = settings.topic("cp.events")
         self.responses_topic = settings.topic("cp.responses")
+        self.webhooks_topic = settings.topic("cp.webhooks")
+        self.webhook_hosts = parse_allowed_hosts(settings.webhook_allowed_hosts)
         self.dlq_topic = settings.topic("cp.dlq")
         self.changelog_topic = settings.topic("{app_id}-jobs-changelog")
         self.dispatch_topics = dispatch_topics
@@ -368,6 +371,11 @@ class JobCore:
             )
             self._rekey(txn, record, job_id, encode(command), [])
             return
+        if request.callback_url is not None:
+            refused = refusal(request.callback_url, self.webhook_hosts)
+            if refused is not None:
+                self._dead_letter(txn, record, "callback_url_refused", refused)
+                return
         job_id = job_id_for(request.tenant_id, request.request_id)
         with span(
             "intake",
@@ -636,6 +644,8 @@ class JobCore:
                 records.append(Record(self.events_topic, key_, encode(message), headers))
             elif entry.topic == "responses":
                 records.append(Record(self.responses_topic, key_, encode(message), headers))
+            elif entry.topic == "webhook":
+                records.append(Record(self.webhooks_topic, key_, encode(message), headers))
             else:
                 topic = self.dispatch_topics.get(entry.provider or "")
                 if topic is None:
@@ -809,7 +819,7 @@ class JobCore:
                     self.changelog_topic,
                     key(ROW, job.job_id),
                     row,
-                    row_headers(job.next_wake(), retire),
+                    row_headers(job.next_wake(), retire, job),
                     partition=number,
                 )
                 if part is not None and job.terminal:

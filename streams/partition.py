@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+
+import orjson
 
 from domain.job import Job
 from domain.messages import JobRequest
@@ -25,10 +28,12 @@ from tables.jobs import (
     decode_request,
     decode_retired,
     decode_row,
+    header_listing,
     header_time,
     key,
     split_key,
 )
+from tables.listing import Filter, ListingIndex, Position, merge, micros
 from tables.store import MemoryStore, Store
 
 
@@ -51,6 +56,8 @@ class Partition:
     offsets: dict[str, int] = field(default_factory=dict)
     #: Store writes of this turn, written in one batch by `flush` (reads see them at once).
     unwritten: dict[bytes, bytes | None] = field(default_factory=dict)
+    #: Each tenant's jobs held here (live and finished, not retired) by creation time.
+    index: ListingIndex = field(default_factory=ListingIndex)
 
     def _get(self, raw_key: bytes) -> bytes | None:
         if raw_key in self.unwritten:
@@ -101,11 +108,13 @@ class Partition:
             self.requests.pop(job.job_id, None)
         else:
             self.jobs[job.job_id] = job
+        self.index.put(job.job_id, job.tenant_id, micros(job.created_at), job.status.value)
 
     def retire_job(self, job_id: str, record: bytes | None) -> None:
         """Drop a finished job's row and request, keeping its retired record if given."""
         self.jobs.pop(job_id, None)
         self.requests.pop(job_id, None)
+        self.index.remove(job_id)
         self.wake.set(job_id, None)
         self.retire.set(job_id, None)
         self.unwritten.update(
@@ -114,6 +123,40 @@ class Partition:
 
     def purge_retired(self, job_id: str) -> None:
         self.unwritten[key(RETIRED, job_id)] = None
+
+    def summary(self, job_id: str) -> dict[str, Any] | None:
+        """What a listing shows of a job, without decoding a finished one into a `Job`."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            data: dict[str, Any] = job.model_dump(
+                mode="json", include={"job_id", "request_id", "status", "created_at", "updated_at"}
+            )
+            final = job.final.model_dump(mode="json") if job.final else None
+        else:
+            raw = self._get(key(ROW, job_id))
+            if raw is None:
+                return None
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return None  # unreadable: GET /jobs/{id} answers 500 for it; a listing skips it
+            final = data.get("final")
+        state = data.get("status")
+        return {
+            "job_id": job_id,
+            "request_id": data.get("request_id"),
+            "state": state,
+            "terminal": state in ("COMPLETED", "FAILED", "CANCELLED", "EXPIRED"),
+            "created_at": data.get("created_at"),
+            "updated_at": data.get("updated_at"),
+            "provider": final.get("provider") if final else None,
+            "model": final.get("model") if final else None,
+            "links": {
+                "self": f"/jobs/{job_id}",
+                "result": f"/jobs/{job_id}/result",
+                "events": f"/jobs/{job_id}/events",
+            },
+        }
 
     def stored(self, kind: str) -> dict[str, bytes]:
         """Every stored record of one kind (for tests and tools: it reads the whole store)."""
@@ -145,11 +188,64 @@ class Partition:
                 retire = header_time(headers, "retire") if value is not None else None
                 self.wake.set(job_id, wake)
                 self.retire.set(job_id, retire)
+                self._index_row(job_id, value, headers)
             elif kind == RETIRED:
                 self.purge.set(
                     job_id, header_time(headers, "retire") if value is not None else None
                 )
         self.store.write(puts)
 
+    def _index_row(self, job_id: str, value: bytes | None, headers: Any) -> None:
+        """Keep the listing index in step with a restored row (decoded only without headers)."""
+        if value is None:
+            self.index.remove(job_id)
+            return
+        listed = header_listing(headers)
+        if listed is None:  # a row written before rows had these headers
+            try:
+                data = orjson.loads(value)
+                created = datetime.fromisoformat(data["created_at"])
+                listed = (data["tenant_id"], micros(created), data["status"])
+            except (ValueError, KeyError, TypeError):
+                return  # unreadable: reads of it answer 500; a listing leaves it out
+        self.index.put(job_id, *listed)
+
     def close(self) -> None:
         self.store.close()
+
+
+def page_of(
+    parts: dict[int, Partition],
+    numbers: Iterable[int],
+    *,
+    tenant: str,
+    where: Filter,
+    before: Position | None,
+    limit: int,
+) -> tuple[list[tuple[Position, dict[str, Any]]], bool, list[int]]:
+    """One page of a tenant's jobs over the given partitions held here, newest first.
+
+    Returns (position, summary) of up to `limit` jobs, whether older ones follow, and the
+    partitions of `numbers` that are not held here (the caller answers for their absence).
+    Each partition walks at most `limit + 1` matching entries; only the `limit` kept are read.
+    """
+    missing: list[int] = []
+    pages: list[list[Position]] = []
+    where_from: dict[str, Partition] = {}
+    more = False
+    for number in sorted(set(numbers)):
+        part = parts.get(number)
+        if part is None:
+            missing.append(number)
+            continue
+        found, left = part.index.page(tenant, where, before, limit)
+        more = more or left
+        pages.append(found)
+        where_from.update((job_id, part) for _, job_id in found)
+    kept, cut = merge(pages, limit)
+    items = []
+    for position in kept:
+        summary = where_from[position[1]].summary(position[1])
+        if summary is not None:
+            items.append((position, summary))
+    return items, more or cut, missing

@@ -261,6 +261,9 @@ def banner(settings: Settings, children: list[Child], api_key: str | None, took_
         f"  logs             {cp.log_path}",
         f"                   {providers.log_path}",
         f"  API key          {key_line}",
+        f"  webhooks         "
+        f"{settings.webhook_allowed_hosts or 'off (no host in CP_WEBHOOK_ALLOWED_HOSTS)'}"
+        " (sent by the provider worker)",
         "",
         "Submit a job:",
         f"  echo '{job % DEV_TENANT}' | kcat -P -b {settings.kafka_bootstrap_servers} -t {intake}",

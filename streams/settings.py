@@ -51,12 +51,32 @@ class Settings(BaseSettings):
     #: age of a log segment (up to 7 days more), after which no dispatch can come back.
     provider_handled_retention_s: float = 14 * 24 * 3600.0
     provider_web_port: int = 6067
+    #: Completion webhooks (domain.webhooks, providers.webhooks): callback hosts allowed (globs,
+    #: `http://host` entries also allow plain http); empty refuses every callback_url.
+    webhook_allowed_hosts: str = ""
+    #: `tenant=secret` pairs signing each tenant's webhooks (`whsec_<base64>` or plain text).
+    webhook_secrets: SecretStr | None = None
+    webhook_secrets_file: Path | None = None
+    webhook_group_id: str = "prompt-gateway-webhooks"
+    #: Webhook POSTs in flight per sender; deliveries waiting for a retry hold no slot.
+    webhook_concurrency: int = 64
+    webhook_timeout_s: float = 10.0
+    #: Retry backoff: base, doubled after each failed attempt, capped; given up once the next
+    #: attempt would come later than `webhook_max_age_s` after the job ended.
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_max_age_s: float = 86400.0
     max_request_bytes: int = 900_000
     #: A provider result on cp.results; bigger answers fail their attempt (`malformed_response`).
     #: With it, every record the job core writes fits its topic (a row holds an answer twice).
     max_result_bytes: int = 512_000
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
+    #: Signs the short-lived timeline links of `GET /jobs/{id}` (api.links); every worker must
+    #: have the same one. Unset: derived from the API key configuration.
+    link_secret: SecretStr | None = None
+    #: How long a signed timeline link opens the page.
+    link_ttl_s: float = 900.0
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
     #: Tests and `make chaos` only: a job whose request metadata has `cp_fault` set to a stage

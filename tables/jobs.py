@@ -3,7 +3,8 @@
 - `j:<job_id>`: the job's row, the `Job` without its request, without its routing decisions
   (each is in its `routed` event already) and without the job id, tenant and schema version each
   event would repeat, rewritten when a step changes it; headers `wake` and
-  `retire` (epoch ms) let a restore rebuild timers without decoding it.
+  `retire` (epoch ms) let a restore rebuild timers without decoding it, and `tenant`, `created`
+  (epoch µs) and `state` the listing index (`tables.listing`).
 - `r:<job_id>`: the canonical request, written once when the job is created.
 - `i:<job_id>`: what idempotency needs of a retired job (tenant, request id, fingerprint, outcome),
   kept for the idempotency window after the row and the request are tombstoned.
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from domain.job import Job
 from domain.messages import JobRequest
 from tables.exceptions import StateCorrupted
+from tables.listing import micros
 
 TABLE_NAME = "jobs"
 ROW, REQUEST, RETIRED, OFFSET = "j", "r", "i", "o"
@@ -65,13 +67,37 @@ def _ms(at: datetime | None) -> bytes | None:
     return None if at is None else str(math.ceil(at.timestamp() * 1000)).encode()
 
 
-def row_headers(wake: datetime | None, retire: datetime | None) -> Headers:
+def row_headers(wake: datetime | None, retire: datetime | None, job: Job | None = None) -> Headers:
     headers: Headers = []
     for name, at in (("wake", wake), ("retire", retire)):
         value = _ms(at)
         if value is not None:
             headers.append((name, value))
+    if job is not None:  # what the listing index needs, read by a restore without decoding
+        headers += listing_headers(job)
     return headers
+
+
+def listing_headers(job: Job) -> Headers:
+    """Headers `tenant`, `created` (µs since the epoch) and `state` of a row record."""
+    return [
+        ("tenant", job.tenant_id.encode()),
+        ("created", str(micros(job.created_at)).encode()),
+        ("state", job.status.value.encode()),
+    ]
+
+
+def header_listing(headers: Any) -> tuple[str, int, str] | None:
+    """(tenant, created µs, state) from a row record's headers, or None when it has none."""
+    found: dict[str, bytes] = {
+        name: value for name, value in headers or () if name in ("tenant", "created", "state")
+    }
+    if len(found) != 3:
+        return None
+    try:
+        return found["tenant"].decode(), int(found["created"]), found["state"].decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def header_time(headers: Any, name: str) -> datetime | None:

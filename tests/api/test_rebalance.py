@@ -301,3 +301,71 @@ async def test_get_during_rebalance_is_200_or_503_never_404(
     # cp-1 is up throughout: every request to it gets an answer.
     silent = {k: n for k, n in churn.no_answer.items() if k[0] == "cp-1"}
     assert not silent, f"cp-1 did not answer: {silent}"
+
+
+async def test_listing_during_rebalance_is_complete_or_503_never_a_gap(
+    rebal: RebalanceStack,
+) -> None:
+    """`GET /jobs` on cp-1 while cp-2 joins and leaves: every 200 lists every job of the tenant
+    (across both workers while they split the partitions); otherwise a 503 problem naming the
+    missing partitions, with Retry-After."""
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        api = rebal.api
+        tag = uuid.uuid4().hex[:8]
+        job_ids = await asyncio.gather(
+            *(
+                create(http, api, job_request(f"rebal-list-{tag}-{i}", {"sim-cheap": ["ok"]}))
+                for i in range(JOBS)
+            )
+        )
+        await asyncio.gather(*(wait_state(http, api, job_id, {"COMPLETED"}) for job_id in job_ids))
+        async with http.get(
+            rebal.cp1.url + "/jobs", params={"limit": "200"}, headers=bearer("key-a")
+        ) as r:
+            assert r.status == 200
+            expected = {item["job_id"] for item in (await r.json())["items"]}
+        assert set(job_ids) <= expected and len(expected) < 200
+
+        answers: list[tuple[str, int, Any, str | None]] = []
+        done = False
+
+        async def lister() -> None:
+            while not done:
+                for worker, url in (("cp-1", rebal.cp1.url), ("cp-2", rebal.cp2_url)):
+                    try:
+                        async with http.get(
+                            url + "/jobs", params={"limit": "200"}, headers=bearer("key-a")
+                        ) as r:
+                            body = orjson.loads(await r.read())
+                            answers.append((worker, r.status, body, r.headers.get("Retry-After")))
+                    except (aiohttp.ClientConnectionError, TimeoutError):
+                        pass  # cp-2 not up yet, or gone
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(lister())
+        cp2: Worker | None = None
+        try:
+            cp2 = await asyncio.to_thread(rebal.stack.start_cp, "cp-2", rebal.cp2_port)
+            await wait_ready(http, [rebal.cp1.url, cp2.url], timeout=60)
+            await asyncio.sleep(SPLIT_HOLD_S)
+            split = len(answers)
+            await asyncio.to_thread(cp2.stop, 30)
+            await wait_ready(http, [rebal.cp1.url], timeout=60)
+            await asyncio.sleep(SETTLE_HOLD_S)
+        finally:
+            done = True
+            await asyncio.gather(task, return_exceptions=True)
+            if cp2 is not None:
+                await asyncio.to_thread(cp2.stop, 30)
+
+    statuses = Counter((worker, status) for worker, status, _, _ in answers)
+    assert {status for _, status in statuses} <= {200, 503}, statuses
+    for worker, status, body, retry_after in answers:
+        if status == 200:
+            assert {item["job_id"] for item in body["items"]} == expected, (worker, body)
+        else:
+            assert retry_after and body["type"].endswith("unavailable"), body
+            assert body.get("missing_partitions") or "shutting down" in body["detail"], body
+    assert statuses[("cp-1", 200)] > 0 and statuses[("cp-2", 200)] > 0, statuses
+    assert any(status == 200 for _, status, _, _ in answers[:split]), statuses

@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -143,6 +144,15 @@ class Prober(threading.Thread):
             time.sleep(0.1)
 
 
+def list_page(worker: Worker, key_: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"{worker.url}/jobs?limit=200&state=COMPLETED", headers={"Authorization": f"Bearer {key_}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body: dict[str, Any] = orjson.loads(response.read())
+        return body
+
+
 def read_status(worker: Worker, job_id: str, key_: str) -> tuple[int, str | None]:
     request = urllib.request.Request(
         f"{worker.url}/jobs/{job_id}", headers={"Authorization": f"Bearer {key_}"}
@@ -185,6 +195,14 @@ async def test_restoring_many_held_jobs_keeps_workers_answering(
         prober.stop_flag.set()
         prober.join(timeout=10)
         assert not pending, f"{len(pending)} reads never answered COMPLETED, e.g. {pending[:3]}"
+        # The listing index was rebuilt by the restore (from rows without listing headers, as
+        # written before they had them): a page holds the tenant's jobs from both workers.
+        for worker in workers:
+            page = await asyncio.to_thread(list_page, worker, api_key)
+            listed = [item["job_id"] for item in page["items"]]
+            assert len(listed) == 200 and set(listed) <= set(job_ids), page
+            assert page["next_cursor"]
+            assert {partition_for(j, PARTITIONS) for j in listed} == set(range(PARTITIONS))
         assert not prober.failures, prober.failures[:5]
         assert prober.slowest < 2.0, f"a /healthz answer took {prober.slowest:.2f} s"
         logs = "".join(w.log_path.read_text(errors="replace") for w in workers)

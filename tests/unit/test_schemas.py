@@ -19,6 +19,7 @@ from domain.messages import (
     JobRequest,
     ProviderCancel,
     ProviderResult,
+    WebhookDelivery,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,7 @@ EXPECTED_FILES: dict[str, type[BaseModel]] = {
     "job_event.v1.json": JobEvent,
     "final_response.v1.json": FinalResponse,
     "dead_letter.v1.json": DeadLetter,
+    "webhook_delivery.v1.json": WebhookDelivery,
 }
 
 AT = "2026-01-01T00:00:00Z"
@@ -123,6 +125,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "payload_size": 2,
         "at": AT,
     },
+}
+EXAMPLES["webhook_delivery.v1.json"] = {
+    "delivery_id": "whd_job_x",
+    "job_id": "job_x",
+    "tenant_id": "tenant-a",
+    "callback_url": "https://hooks.example.com/jobs",
+    "response": EXAMPLES["final_response.v1.json"],
 }
 
 

@@ -1,0 +1,5 @@
+"""`python -m cli` runs cpctl."""
+
+from cli.app import main
+
+raise SystemExit(main())
