@@ -212,3 +212,33 @@ def test_the_readme_quick_start_runs_as_written(
     assert (over_http["state"], over_http["provider"]) == ("COMPLETED", "sim-fast"), over_http
     via_kafka = orjson.loads(outputs[1])
     assert via_kafka["job_id"] == job_id_for("dev-tenant", "r2"), via_kafka
+
+    # The listing example and the command-line client's, against the same system.
+    readme = (ROOT / "README.md").read_text()
+    listing = readme.split("### Listing jobs", 1)[1]
+    cli = readme.split("## Command-line client", 1)[1]
+    env = {
+        **run_env,
+        "KEY": key,
+        "CP_URL": f"http://127.0.0.1:{run_env['CP_WEB_PORT']}",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    for name, section in (("listing", listing), ("cli", cli)):
+        block = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
+        script = block.replace("http://127.0.0.1:6066", env["CP_URL"])
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, (name, script, done.stdout, done.stderr)
+        if name == "listing":
+            page = orjson.loads(done.stdout)
+            assert {item["request_id"] for item in page["items"]} <= {"r1", "r2"}, page
+            assert page["items"], page
+        else:
+            assert "COMPLETED" in done.stdout, done.stdout
+            assert "sim-cheap" in done.stdout or "sim-fast" in done.stdout, done.stdout
