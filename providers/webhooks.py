@@ -21,14 +21,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
 
 from domain.codec import DecodeError, encode, load_json, upcast
 from domain.commands import RecordWebhook
 from domain.messages import WebhookDelivery
 from domain.webhooks import backoff_s, parse_allowed_hosts, refusal, sign
-from providers.worker import COMMIT_EVERY_S, OffsetTracker
+from providers.worker import (
+    COMMIT_EVERY_S,
+    OffsetTracker,
+    group_consumer,
+    idempotent_producer,
+)
 from streams.settings import Settings
 from streams.tracing import to_headers
 from streams.webhook_secrets import tenant_secrets
@@ -64,22 +69,8 @@ class WebhookSender:
         self.tasks: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
         self.stopping = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
-        servers = settings.kafka_bootstrap_servers
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=servers,
-            group_id=settings.topic_prefix + settings.webhook_group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            # Deliveries commit in the job core's transactions: an aborted one is never sent.
-            isolation_level="read_committed",
-            fetch_max_wait_ms=100,
-            session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
-            heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
-            max_poll_records=200,
-        )
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=servers, acks="all", enable_idempotence=True, linger_ms=2
-        )
+        self.consumer = group_consumer(settings, settings.webhook_group_id, fetch_max_wait_ms=100)
+        self.producer = idempotent_producer(settings)
 
     async def start(self) -> None:
         await self.producer.start()

@@ -71,6 +71,36 @@ PRUNE_CHUNK = 5_000
 CANCEL_WAIT_S = 5.0
 
 
+def group_consumer(
+    settings: Settings, group_id: str, *, fetch_max_wait_ms: int
+) -> AIOKafkaConsumer:
+    """A consumer in one of the workers' groups over what the job core writes: read_committed,
+    so what a fenced or aborted transaction wrote is never acted on; offsets committed by hand."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=settings.topic_prefix + group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
+        heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
+        max_poll_records=200,
+    )
+
+
+def idempotent_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=2,
+        # A full batch makes the next send wait until it is sent: keep batches roomy.
+        max_batch_size=1024 * 1024,
+        max_request_size=2 * 1024 * 1024,
+    )
+
+
 class OffsetTracker:
     """Commit each partition only up to its oldest record still being worked on.
 
@@ -266,30 +296,10 @@ class ProviderWorker:
         self.dispatch_topics = list(self.topic_of.values())
         self.results_topic = settings.topic("cp.results")
         self.dlq_topic = settings.topic("cp.dlq")
-        servers = settings.kafka_bootstrap_servers
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=servers,
-            group_id=settings.topic_prefix + settings.provider_group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            # Dispatches commit in the job core's transactions: a fenced worker's never do.
-            isolation_level="read_committed",
-            # Dispatches become readable when the job core commits: do not let the broker hold
-            # an empty fetch for long (its default 500 ms is all latency here).
-            fetch_max_wait_ms=10,
-            session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
-            heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
-            max_poll_records=200,
-        )
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            # A full batch makes the next send wait until it is sent: keep batches roomy.
-            max_batch_size=1024 * 1024,
-            max_request_size=2 * 1024 * 1024,
-        )
+        # Dispatches become readable when the job core commits: do not let the broker hold an
+        # empty fetch for long (its default 500 ms is all latency here).
+        self.consumer = group_consumer(settings, settings.provider_group_id, fetch_max_wait_ms=10)
+        self.producer = idempotent_producer(settings)
 
     async def start(self) -> None:
         await self.producer.start()
