@@ -129,15 +129,7 @@ class WebhookSender:
         task.add_done_callback(finished)
 
     async def commit(self) -> None:
-        offsets = self.tracker.committable()
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-        except Exception:
-            log.warning("webhook offset commit failed", exc_info=True)
-            return
-        self.tracker.mark_committed(offsets)
+        await self.tracker.commit(self.consumer, "webhook offset commit failed")
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit what is finished, then drop the deliveries of partitions taken away: their

@@ -132,6 +132,18 @@ class OffsetTracker:
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         self.committed.update(offsets)
 
+    async def commit(self, consumer: AIOKafkaConsumer, failure: str) -> None:
+        """Commit what is committable; a failed commit is logged (`failure`) and tried again."""
+        offsets = self.committable()
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except Exception:
+            log.warning(failure, exc_info=True)
+            return
+        self.mark_committed(offsets)
+
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self.inflight.pop(tp, None)
@@ -392,15 +404,7 @@ class ProviderWorker:
             await asyncio.sleep(PRUNE_EVERY_S)
 
     async def commit(self) -> None:
-        offsets = self.tracker.committable()
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-        except Exception:
-            log.warning("offset commit failed", exc_info=True)
-            return
-        self.tracker.mark_committed(offsets)
+        await self.tracker.commit(self.consumer, "offset commit failed")
 
     async def shutdown(self) -> None:
         """Stop taking dispatches, let calls finish within the grace period, then commit.
