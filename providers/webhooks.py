@@ -31,6 +31,7 @@ from domain.webhooks import backoff_s, parse_allowed_hosts, refusal, sign
 from providers.worker import (
     COMMIT_EVERY_S,
     OffsetTracker,
+    ProviderMetrics,
     group_consumer,
     idempotent_producer,
 )
@@ -57,8 +58,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class WebhookSender:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: ProviderMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or ProviderMetrics()
         self.topic = settings.topic("cp.webhooks")
         self.commands_topic = settings.topic("cp.commands")
         self.dlq_topic = settings.topic("cp.dlq")
@@ -120,8 +122,10 @@ class WebhookSender:
             return
         task = asyncio.create_task(self.deliver(delivery))
         self.tasks[(tp, record.offset)] = task
+        self.metrics.webhook_pending.inc()
 
         def finished(done: asyncio.Task[None]) -> None:
+            self.metrics.webhook_pending.dec()
             self.tasks.pop((tp, record.offset), None)
             if not done.cancelled():
                 self.tracker.done(tp, record.offset)
@@ -220,6 +224,7 @@ class WebhookSender:
             except aiohttp.ClientError as exc:
                 status, error = None, f"{type(exc).__name__}: {exc}"[:500]
             latency_ms = int((time.monotonic() - started) * 1000)
+        self.metrics.webhook_latency.observe(latency_ms / 1000)
         log.info(
             "webhook attempt",
             extra={
@@ -246,6 +251,7 @@ class WebhookSender:
         last: bool = False,
     ) -> None:
         """Put the attempt on cp.commands for the job's timeline (acknowledged before going on)."""
+        self.metrics.webhook_attempts.labels(outcome).inc()
         if last and error is not None:
             error = f"{error}; no attempt left within {self.settings.webhook_max_age_s:g} s"
         command = RecordWebhook(

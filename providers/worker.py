@@ -184,6 +184,24 @@ class ProviderMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # Completion webhooks (providers.webhooks), sent from this process.
+        self.webhook_attempts = Counter(
+            "webhook_attempts",
+            "Webhook POST attempts by outcome: delivered, failed (retried later), gave_up",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_latency = Histogram(
+            "webhook_attempt_latency_seconds",
+            "Time of one webhook POST, answered or not",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.webhook_pending = Gauge(
+            "webhook_deliveries_pending",
+            "Deliveries taken and not yet delivered or given up (retrying ones included)",
+            registry=self.registry,
+        )
         # The OpenTelemetry GenAI client metrics (gen_ai.client.*), in Prometheus naming.
         genai_labels = [
             "gen_ai_operation_name",
@@ -743,7 +761,7 @@ async def serve(settings: Settings) -> None:
     # Completion webhooks: their own consumer group, in this process (providers.webhooks).
     from providers.webhooks import WebhookSender
 
-    webhooks = WebhookSender(settings)
+    webhooks = WebhookSender(settings, worker.metrics)
 
     def stop() -> None:
         worker.request_stop()

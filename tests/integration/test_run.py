@@ -189,8 +189,8 @@ def test_the_readme_quick_start_runs_as_written(
     key = run.wait_for_line(re.compile(r"API key\s+(\S+)\s+\(tenant dev-tenant"), timeout=10)[1]
     bootstrap = run_env["KAFKA_BOOTSTRAP_SERVERS"]
     blocks = readme_quick_start_blocks()
-    assert len(blocks) == 2, blocks
-    outputs = []
+    assert len(blocks) == 3, blocks
+    outputs: list[str] = []
     for block in blocks:
         # Only where the test's system runs differs from a fresh `make run`.
         script = (
@@ -198,10 +198,11 @@ def test_the_readme_quick_start_runs_as_written(
             .replace("-b 127.0.0.1:9092", f"-b {bootstrap}")
             .replace("-t cp.intake", f"-t {run_env['CP_TOPIC_PREFIX']}cp.intake")
         )
+        job_id = orjson.loads(outputs[0])["job_id"] if outputs else ""
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
             check=False,
-            env={**run_env, "KEY": key},
+            env={**run_env, "KEY": key, "JOB_ID": job_id},
             capture_output=True,
             text=True,
             timeout=60,
@@ -212,6 +213,9 @@ def test_the_readme_quick_start_runs_as_written(
     assert (over_http["state"], over_http["provider"]) == ("COMPLETED", "sim-fast"), over_http
     via_kafka = orjson.loads(outputs[1])
     assert via_kafka["job_id"] == job_id_for("dev-tenant", "r2"), via_kafka
+    # The signed timeline link opens the page without a key.
+    assert re.search(r"^open http://127\.0\.0\.1:\d+/jobs/job_\S+\?", outputs[2], re.M), outputs[2]
+    assert re.search(r"^200 text/html", outputs[2], re.M), outputs[2]
 
     # The listing example and the command-line client's, against the same system.
     readme = (ROOT / "README.md").read_text()
@@ -223,11 +227,13 @@ def test_the_readme_quick_start_runs_as_written(
         "CP_URL": f"http://127.0.0.1:{run_env['CP_WEB_PORT']}",
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
-    for name, section in (("listing", listing), ("cli", cli)):
+    replay = readme.split("### Policy replay", 1)[1]
+    for name, section in (("listing", listing), ("cli", cli), ("replay", replay)):
         block = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
         script = block.replace("http://127.0.0.1:6066", env["CP_URL"])
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
+            cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,
@@ -239,6 +245,12 @@ def test_the_readme_quick_start_runs_as_written(
             page = orjson.loads(done.stdout)
             assert {item["request_id"] for item in page["items"]} <= {"r1", "r2"}, page
             assert page["items"], page
-        else:
+        elif name == "cli":
             assert "COMPLETED" in done.stdout, done.stdout
             assert "sim-cheap" in done.stdout or "sim-fast" in done.stdout, done.stdout
+        else:
+            # r1, r2 and the CLI's job were routed within the hour; the cost-first policy is read.
+            assert "policy cost-first" in done.stdout, done.stdout
+            totals = re.search(r"^(\d+) decisions, (\d+) would change$", done.stdout, re.M)
+            assert totals is not None, done.stdout
+            assert int(totals[1]) >= 3 and int(totals[2]) <= int(totals[1]), totals

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from domain.ids import job_id_for
 from tests.support.stack import TopicReader, new_stack, produce, to_json
-from tests.support.workers import free_port
+from tests.support.workers import free_port, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +107,14 @@ def events_of(reader: TopicReader, job_id: str) -> list[dict[str, Any]]:
 
 def webhook_events(reader: TopicReader, job_id: str) -> list[dict[str, Any]]:
     return [e for e in events_of(reader, job_id) if e["type"].startswith("webhook_")]
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 async def test_webhooks_are_retried_signed_deduplicable_and_survive_a_sender_crash(
@@ -205,6 +213,13 @@ async def test_webhooks_are_retried_signed_deduplicable_and_survive_a_sender_cra
                 what="two failed attempts of B",
             )
             await asyncio.sleep(0.5)  # A's offset commits once it is delivered (not B's)
+            # The sender's metrics count what the receiver saw.
+            status, body = await asyncio.to_thread(http_get, providers.url + "/metrics")
+            assert status == 200
+            metrics = body.decode()
+            assert metric(metrics, 'webhook_attempts_total{outcome="failed"}') >= 2, metrics
+            assert metric(metrics, 'webhook_attempts_total{outcome="delivered"}') >= 1, metrics
+            assert metric(metrics, "webhook_deliveries_pending") >= 1, metrics
             providers.kill()
             before = len(receiver.of("/b"))
             assert all(h.status == 500 for h in receiver.of("/b"))
