@@ -55,12 +55,13 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 test: lint system-deps kafka-up ## Lint, then every test tier against the real broker
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-system-deps: ## Install kcat, prometheus and chromium for the tests that drive them (Debian, root)
+system-deps: ## Install kcat, prometheus, chromium and wrk for the tests and benchmarks that drive them (Debian, root)
 	@scripts/system-deps.sh
 
-bench: $(STAMP) kafka-up ## Measure throughput, latency, memory and listing cost; append to bench/results.md
+bench: $(STAMP) system-deps kafka-up ## Measure throughput, latency, memory, listing and read cost; append to bench/results.md
 	$(PY) -m bench.throughput
 	$(PY) -m bench.listing $(LIST_ARGS)
+	$(PY) -m bench.reads $(READS_ARGS)
 
 api-fuzz: $(STAMP) kafka-up ## Fuzz the HTTP API of a fresh two-worker stack with schemathesis
 	$(PY) -m tests.api.fuzz $(FUZZ_ARGS)

@@ -95,6 +95,40 @@ def load(job_id: str, tenant: str) -> Job:
     return job
 
 
+#: Stands for the signed timeline link in a cached view; replaced on every read.
+_LINK_SLOT = "\x00timeline_signed\x00"
+_LINK_SLOT_JSON = orjson.dumps(_LINK_SLOT)
+
+
+def status_view(job_id: str, tenant: str) -> tuple[bytes, bytes]:
+    """The job's status body as JSON, split where its signed timeline link goes.
+
+    Rendered once per state of the job (the step that changes it drops the entry): a read of a
+    job whose view is kept decodes nothing.
+    """
+    try:
+        part = core.held(job_id)
+    except CoreNotReady:
+        raise unavailable("this job's partition is being restored or moved") from None
+    view: tuple[str, bytes, bytes] | None = part.views.get(job_id)
+    if view is None:
+        job = load(job_id, tenant)
+        body = status_body(job)
+        body["links"]["timeline_signed"] = _LINK_SLOT
+        head, tail = orjson.dumps(body).split(_LINK_SLOT_JSON, 1)
+        view = (job.tenant_id, head, tail)
+        part.views.put(job_id, view)
+    elif view[0] != tenant:
+        load(job_id, tenant)  # another tenant's job: 404 (or 410), exactly as a missing one
+    return view[1], view[2]
+
+
+def status_response(job_id: str, tenant: str) -> web.Response:
+    head, tail = status_view(job_id, tenant)
+    link = orjson.dumps(signer.timeline_link(job_id, tenant, time.time()))
+    return web.Response(body=head + link + tail, content_type="application/json")
+
+
 def gone(retired: RetiredJob) -> Problem:
     """A finished job past its retention: its outcome stays known, its details do not."""
     return Problem(
@@ -166,7 +200,8 @@ class Health(View):
 class Ready(View):
     async def get(self, request: web.Request) -> web.Response:
         ok, reason = ready()
-        return json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
+        body = {"ready": ok, "reason": reason, "partitions": sorted(core.parts)}
+        return json_response(body, status=200 if ok else 503)
 
 
 @app.page("/openapi.json")
@@ -349,7 +384,7 @@ class JobByRequest(View):
         forwarded = await owned(request, job_id)
         if forwarded is not None:
             return forwarded
-        return json_response(status_body(load(job_id, tenant)))
+        return status_response(job_id, tenant)
 
 
 @app.page("/jobs/{job_id}")
@@ -360,9 +395,7 @@ class JobStatus(View):
         forwarded = await owned(request, job_id)
         if forwarded is not None:
             return forwarded
-        body = status_body(load(job_id, tenant))
-        body["links"]["timeline_signed"] = signer.timeline_link(job_id, tenant, time.time())
-        return json_response(body)
+        return status_response(job_id, tenant)
 
 
 @app.page("/jobs/{job_id}/result")
@@ -378,7 +411,8 @@ class JobResult(View):
         deadline = asyncio.get_running_loop().time() + wait
         loop = asyncio.get_running_loop()
         while job.final is None and loop.time() < deadline:
-            await core.wait_final(job_id, min(deadline - loop.time(), 1.0))
+            # Woken by the step that finishes the job, or by its partition leaving this worker.
+            await core.wait_final(job_id, deadline - loop.time())
             owner(job_id)  # still ours? (raises 503 when the partition moved meanwhile)
             job = load(job_id, tenant)
         if job.final is None:

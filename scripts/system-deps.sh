@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install the tools some tests drive (a real Kafka client, a real Prometheus, a headless browser)
-# when they are missing. Debian/Ubuntu as root only; elsewhere those tests skip with a reason.
+# Install, when missing, the tools some tests drive (a real Kafka client, a real Prometheus, a
+# headless browser) and the HTTP load generator `make bench` reads with (wrk). Debian/Ubuntu as
+# root only; elsewhere those tests skip with a reason.
 set -euo pipefail
 
-declare -A PACKAGE=([kcat]=kcat [prometheus]=prometheus [chromium]=chromium)
+declare -A PACKAGE=([kcat]=kcat [prometheus]=prometheus [chromium]=chromium [wrk]=wrk)
 missing=()
 for tool in "${!PACKAGE[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${PACKAGE[$tool]}")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ from domain.webhooks import parse_allowed_hosts, refusal
 from streams.assignor import CopartitionedAssignor
 from streams.deadletter import dead_letter_record
 from streams.metrics import Metrics
-from streams.partition import Partition
+from streams.partition import Partition, ViewCache
 from streams.runtime import Runtime, report_providers
 from streams.settings import Settings
 from streams.topology import MissingDispatchTopics
@@ -77,6 +78,10 @@ STOP_TURN_WAIT_S = 10.0
 MAX_RECORD_BYTES = 1_000_000
 #: Timer and retention steps per loop turn, so a mass expiry does not stall the loop.
 TIMERS_PER_TURN = 2000
+
+
+#: Records applied between two looks at the clock (see `JobCore.turn_slice_s`).
+TURN_CHUNK = 16
 
 
 @functools.lru_cache(maxsize=65536)
@@ -132,6 +137,7 @@ class JobCore:
         self.retention = timedelta(seconds=settings.job_retention_s)
         self.idempotency = timedelta(seconds=settings.idempotency_window_s)
         self.commit_interval = settings.commit_interval_ms / 1000
+        self.turn_slice_s = settings.core_turn_slice_ms / 1000
         self.parts: dict[int, Partition] = {}
         #: Per partition: the open transaction that takes new records, and its twin, which
         #: commits meanwhile. Two transactional ids per partition, used in turn: a commit takes
@@ -257,8 +263,15 @@ class JobCore:
         for number in list(self.failed):
             self.failed.discard(number)
             await self._fail(number)
+        # Applying is synchronous: every slice of it, the loop answers HTTP (reads, long-polls).
+        slice_s = self.turn_slice_s
+        until = time.perf_counter() + slice_s
         for tp, records in batch.items():
-            self._consume(tp, records)
+            for start in range(0, len(records), TURN_CHUNK):
+                self._consume(tp, records[start : start + TURN_CHUNK])
+                if time.perf_counter() >= until:
+                    await asyncio.sleep(0)
+                    until = time.perf_counter() + slice_s
         now = datetime.now(UTC)
         fresh = {tp.partition for tp, records in batch.items() if records}
         self._fire_timers(now)
@@ -292,19 +305,24 @@ class JobCore:
             return False, f"restoring {len(missing)} partitions"
         return True, "ready"
 
-    def job(self, job_id: str) -> Job | None:
-        """Read a job of a partition held here (raises CoreNotReady or StateCorrupted)."""
+    def held(self, job_id: str) -> Partition:
+        """The partition state holding the job here (raises CoreNotReady when it is not)."""
         part = self.parts.get(self.partition_of(job_id))
         if part is None:
             raise CoreNotReady(job_id)
-        return part.job(job_id)
+        return part
+
+    def job(self, job_id: str) -> Job | None:
+        """Read a job of a partition held here (raises CoreNotReady or StateCorrupted)."""
+        return self.held(job_id).job(job_id)
 
     def retired(self, job_id: str) -> RetiredJob | None:
         part = self.parts.get(self.partition_of(job_id))
         return part.retired_job(job_id) if part is not None else None
 
     async def wait_final(self, job_id: str, seconds: float) -> None:
-        """Return when the job's final step committed here, or after `seconds`."""
+        """Return when the job's final step committed here, when its partition left this worker,
+        or after `seconds`."""
         event = self.waiters.setdefault(job_id, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), seconds)
@@ -904,6 +922,9 @@ class JobCore:
         part = self.parts.pop(number, None)
         if part is not None:
             part.close()
+        # Long-polls of its jobs look again now: the partition is no longer answered here.
+        for job_id in [j for j in self.waiters if self.partition_of(j) == number]:
+            self.waiters.pop(job_id).set()
         commit = self.commits.get(number)
         if commit is not None:
             await asyncio.gather(commit, return_exceptions=True)
@@ -984,7 +1005,9 @@ class JobCore:
             # InitProducerId bumps each id's epoch: the last holder's open transaction is
             # aborted and its later sends and commits are refused. Only then read the state.
             await asyncio.gather(*(p.start() for p in producers.values()))
-            parts = await restore(self.settings, self.changelog_topic, numbers)
+            parts = await restore(
+                self.settings, self.changelog_topic, numbers, partitions=self.partitions
+            )
             tps = [tp for tp in assigned if tp.partition in parts]
             committed = {tp: parts[tp.partition].offsets.get(tp.topic) for tp in tps}
         except BaseException:  # cancelled by a new rebalance, or failed: leave nothing behind
@@ -1037,10 +1060,16 @@ class JobCore:
         )
 
 
-async def restore(settings: Settings, changelog: str, numbers: list[int]) -> dict[int, Partition]:
+async def restore(
+    settings: Settings, changelog: str, numbers: list[int], *, partitions: int = 1
+) -> dict[int, Partition]:
     """Read the committed changelog of the given partitions into fresh partition states."""
+    views = max(16, settings.status_views // max(1, partitions))
     parts = {
-        n: Partition(n, store=open_store(settings.store, settings.data_dir, n)) for n in numbers
+        n: Partition(
+            n, store=open_store(settings.store, settings.data_dir, n), views=ViewCache(views)
+        )
+        for n in numbers
     }
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,

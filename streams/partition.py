@@ -8,6 +8,7 @@ the timers from record headers, without decoding a single job.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +39,33 @@ from tables.store import MemoryStore, Store
 
 
 @dataclass
+class ViewCache:
+    """What reads rendered of recent jobs (least recently read dropped first).
+
+    The step that changes a job drops its entry (`Partition.keep`, `retire_job`), so an entry is
+    always what the job's current state renders to.
+    """
+
+    capacity: int = 4096
+    entries: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+
+    def get(self, job_id: str) -> Any:
+        entry = self.entries.get(job_id)
+        if entry is not None:
+            self.entries.move_to_end(job_id)
+        return entry
+
+    def put(self, job_id: str, entry: Any) -> None:
+        self.entries[job_id] = entry
+        self.entries.move_to_end(job_id)
+        if len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def drop(self, job_id: str) -> None:
+        self.entries.pop(job_id, None)
+
+
+@dataclass
 class Partition:
     number: int
     store: Store = field(default_factory=MemoryStore)
@@ -58,6 +86,8 @@ class Partition:
     unwritten: dict[bytes, bytes | None] = field(default_factory=dict)
     #: Each tenant's jobs held here (live and finished, not retired) by creation time.
     index: ListingIndex = field(default_factory=ListingIndex)
+    #: Rendered status views of jobs read lately (api.views), dropped by each step.
+    views: ViewCache = field(default_factory=ViewCache)
 
     def _get(self, raw_key: bytes) -> bytes | None:
         if raw_key in self.unwritten:
@@ -102,6 +132,7 @@ class Partition:
 
     def keep(self, job: Job, row: bytes | None = None) -> None:
         """Keep a job after a step: live ones decoded, finished ones as their encoded row."""
+        self.views.drop(job.job_id)
         if job.terminal and row is not None:
             self.unwritten[key(ROW, job.job_id)] = row
             self.jobs.pop(job.job_id, None)
@@ -112,6 +143,7 @@ class Partition:
 
     def retire_job(self, job_id: str, record: bytes | None) -> None:
         """Drop a finished job's row and request, keeping its retired record if given."""
+        self.views.drop(job_id)
         self.jobs.pop(job_id, None)
         self.requests.pop(job_id, None)
         self.index.remove(job_id)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     producer_linger_ms: int = 3
     commit_interval_ms: int = 100
     core_max_poll_records: int = 200
+    #: Longest the job core applies records before it lets the event loop serve HTTP (ms).
+    core_turn_slice_ms: float = 2
+    #: Rendered status views (GET /jobs/{id}) a worker keeps, split evenly over its partitions.
+    status_views: int = 32768
     job_retention_s: float = 72 * 3600.0
     idempotency_window_s: float = 7 * 24 * 3600.0
     provider_concurrency: int = 64

@@ -647,13 +647,18 @@ async def test_providers_with_health(http: aiohttp.ClientSession, api_stack: Api
 
 
 async def test_healthz_and_readyz(http: aiohttp.ClientSession, api_stack: ApiStack) -> None:
+    served: list[int] = []
     for url in api_stack.urls:
         async with http.get(url + "/healthz") as response:
             assert response.status == 200
             assert await response.json() == {"status": "ok"}
         async with http.get(url + "/readyz") as response:
             assert response.status == 200
-            assert await response.json() == {"ready": True, "reason": "ready"}
+            body = await response.json()
+            assert (body["ready"], body["reason"]) == (True, "ready")
+            served += body["partitions"]
+    # The workers split the job partitions between them: each is served once.
+    assert sorted(served) == list(range(len(served))), served
 
 
 async def test_openapi_document(http: aiohttp.ClientSession, api_stack: ApiStack) -> None:
