@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from faust.web import View
+from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
@@ -387,15 +388,26 @@ class JobByRequest(View):
         return status_response(job_id, tenant)
 
 
-@app.page("/jobs/{job_id}")
-class JobStatus(View):
-    @problems
-    async def get(self, request: web.Request, job_id: str) -> web.StreamResponse:
+async def job_status(request: web.Request) -> web.StreamResponse:
+    """GET /jobs/{job_id}, the route clients poll: a plain aiohttp handler, without the faust
+    View dispatch and per-request sensor the other routes go through (~10% of a read's CPU)."""
+    job_id = request.match_info["job_id"]
+    try:
         tenant = authenticate(keyring, request)
         forwarded = await owned(request, job_id)
         if forwarded is not None:
             return forwarded
         return status_response(job_id, tenant)
+    except Problem as problem:
+        return problem.response()
+    except Exception:
+        log.exception("view failed", extra={"event": "api.error", "path": request.path})
+        return Problem(500, "internal", "Internal error", "the server failed").response()
+
+
+_driver = app.web
+assert isinstance(_driver, AiohttpWeb), "the API needs faust's aiohttp web driver"
+_driver.web_app.router.add_get("/jobs/{job_id}", job_status)
 
 
 @app.page("/jobs/{job_id}/result")
