@@ -1,0 +1,232 @@
+"""Measure what each control-plane worker adds, and what a join or a leave costs under load.
+
+Scale: for 1, 2 and 4 control-plane workers in one group (8 job partitions) and one provider
+worker, a fresh stack runs a burst of `--jobs` 200 B jobs (instant simulated provider) and reports
+jobs/s and the CPU-seconds per job of every process (utime + stime from /proc): the control-plane
+workers summed and each, the provider worker, the broker. On a machine with fewer cores than
+processes the jobs/s cannot grow; the CPU-s per job shows whether a worker adds work of its own,
+and the projection `cores / (CPU-s per job of everything)` says what k cores would do.
+
+Rebalance: two control-plane workers take an open loop at `--rate` jobs/s; a third joins after
+`--join-at` s and the first leaves (SIGTERM, graceful) after `--leave-at` s. Reported per event:
+the longest gap between two final responses in the 15 s after it (against the steady gap before
+the join), and how many jobs sent in that window took longer than 1 s, with the slowest.
+
+    .venv/bin/python -m bench.scale --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.listing import wait_ready
+from bench.scenarios import OpenLoop, burst, open_loop
+from bench.throughput import RESULTS, broker_pid, cleanup, git_commit
+from tests.support.broker import kafka_broker
+from tests.support.stack import Stack, new_stack
+from tests.support.workers import Worker, free_port
+
+#: A job is "delayed" by a rebalance when its final response takes longer than this.
+DELAYED_S = 1.0
+WINDOW_S = 15.0
+
+
+def cpu_s(pid: int | None) -> float:
+    """utime + stime of a process in seconds (0 when it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / 100.0
+
+
+@dataclass
+class Scale:
+    workers: int
+    jobs: int
+    rate: float
+    cp_cpu_per_job_ms: float
+    per_worker_ms: list[float]
+    providers_ms: float
+    broker_ms: float
+    duplicates: int
+    seen: int
+
+    @property
+    def total_ms(self) -> float:
+        return self.cp_cpu_per_job_ms + self.providers_ms + self.broker_ms
+
+    def row(self) -> str:
+        each = " / ".join(f"{ms:.2f}" for ms in self.per_worker_ms)
+        projected = 1000.0 / self.total_ms if self.total_ms else 0.0
+        return (
+            f"| {self.workers} | {self.seen}/{self.jobs} | {self.rate:.0f} | "
+            f"{self.cp_cpu_per_job_ms:.2f} ({each}) | {self.providers_ms:.2f} | "
+            f"{self.broker_ms:.2f} | {self.total_ms:.2f} | {projected:.0f} | {self.duplicates} |"
+        )
+
+
+def pid_of(worker: Worker | None) -> int | None:
+    return worker.process.pid if worker is not None and worker.process is not None else None
+
+
+def new(bootstrap: str, tmp: Path, name: str) -> Stack:
+    stack = new_stack(bootstrap, "s" + uuid.uuid4().hex[:8], name, tmp / name)
+    stack.env["CP_LOG_LEVEL"] = "WARNING"
+    return stack
+
+
+def scale(bootstrap: str, tmp: Path, workers: int, jobs: int) -> Scale:
+    stack = new(bootstrap, tmp, f"scale-{workers}")
+    try:
+        stack.start_providers()
+        cps = [stack.start_cp(f"cp-{n + 1}", free_port()) for n in range(workers)]
+        wait_ready([w.url for w in cps])
+        asyncio.run(burst(stack, label="warmup", jobs=100, prompt_bytes=200, timeout_s=120))
+        pids = [pid_of(w) for w in cps]
+        others = [pid_of(stack.providers), broker_pid(bootstrap)]
+        before = [cpu_s(p) for p in pids + others]
+        result = asyncio.run(burst(stack, label="scale", jobs=jobs, prompt_bytes=200))
+        after = [cpu_s(p) for p in pids + others]
+    finally:
+        stack.stop()
+        asyncio.run(cleanup(stack))
+    used = [(b - a) * 1000 / max(1, result.seen) for a, b in zip(before, after, strict=True)]
+    return Scale(
+        workers=workers,
+        jobs=jobs,
+        rate=result.rate,
+        cp_cpu_per_job_ms=sum(used[:workers]),
+        per_worker_ms=used[:workers],
+        providers_ms=used[workers],
+        broker_ms=used[workers + 1],
+        duplicates=result.duplicates,
+        seen=result.seen,
+    )
+
+
+@dataclass
+class Event:
+    name: str
+    at: float  # seconds after the open loop's first send
+
+    def row(self, loop: OpenLoop, steady_gap: float) -> str:
+        finals = sorted(s + lat for s, lat in zip(loop.sent_at, loop.latencies, strict=True))
+        inside = [t for t in finals if self.at - 1 <= t <= self.at + WINDOW_S]
+        gaps = [b - a for a, b in itertools.pairwise(inside)]
+        sent = [
+            lat
+            for s, lat in zip(loop.sent_at, loop.latencies, strict=True)
+            if self.at - 1 <= s <= self.at + WINDOW_S
+        ]
+        delayed = [lat for lat in sent if lat > DELAYED_S]
+        return (
+            f"| {self.name} at {self.at:.1f} s | {max(gaps, default=0) * 1000:.0f} "
+            f"(steady {steady_gap * 1000:.0f}) | {len(delayed)} of {len(sent)} | "
+            f"{max(sent, default=0):.2f} |"
+        )
+
+
+async def _churn(stack: Stack, args: argparse.Namespace) -> tuple[OpenLoop, list[Event]]:
+    events: list[Event] = []
+    seconds = args.leave_at + WINDOW_S + 5
+
+    async def join_then_leave(started: float) -> None:
+        await asyncio.sleep(args.join_at)
+        events.append(Event("cp-3 joins (process start)", time.monotonic() - started))
+        await asyncio.to_thread(stack.start_cp, "cp-3", free_port())
+        await asyncio.sleep(max(0.0, args.leave_at - (time.monotonic() - started)))
+        events.append(Event("cp-1 leaves (SIGTERM)", time.monotonic() - started))
+        assert stack.cp is not None
+        await asyncio.to_thread(stack.cp.stop)
+
+    started = time.monotonic()
+    churn = asyncio.create_task(join_then_leave(started))
+    loop = await open_loop(stack, rate=args.rate, seconds=seconds, drain_s=60)
+    await churn
+    return loop, events
+
+
+def rebalance(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
+    stack = new(bootstrap, tmp, "churn")
+    try:
+        stack.start_providers()
+        cps = [stack.start_cp("cp-1", free_port()), stack.start_cp("cp-2", free_port())]
+        wait_ready([w.url for w in cps])
+        asyncio.run(burst(stack, label="warmup", jobs=100, prompt_bytes=200, timeout_s=120))
+        loop, events = asyncio.run(_churn(stack, args))
+    finally:
+        stack.stop()
+        asyncio.run(cleanup(stack))
+    finals = sorted(s + lat for s, lat in zip(loop.sent_at, loop.latencies, strict=True))
+    steady = [t for t in finals if 1.0 <= t <= events[0].at]
+    steady_gap = max((b - a for a, b in itertools.pairwise(steady)), default=0.0)
+    lat = sorted(loop.latencies)
+    return [
+        f"Open loop {args.rate:g} jobs/s ({loop.seen}/{loop.jobs} finished, "
+        f"{loop.duplicates} duplicate final responses, states {loop.states}); "
+        f"job latency p50 {lat[len(lat) // 2] * 1000:.0f} ms over the whole run.",
+        "",
+        "| event | longest gap between final responses in the 15 s after, ms | jobs sent then "
+        f"taking > {DELAYED_S:g} s | slowest, s |",
+        "|---|---:|---:|---:|",
+        *(event.row(loop, steady_gap) for event in events),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=3000, help="burst jobs per row (3000)")
+    parser.add_argument("--workers", default="1,2,4", help="control-plane workers per row")
+    parser.add_argument("--rate", type=float, default=100.0, help="open-loop jobs/s (100)")
+    parser.add_argument("--join-at", type=float, default=10.0)
+    parser.add_argument("--leave-at", type=float, default=30.0)
+    parser.add_argument("--no-record", action="store_true", help="do not append to results.md")
+    args = parser.parse_args()
+
+    began = time.monotonic()
+    rows: list[Scale] = []
+    with kafka_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        for workers in (int(n) for n in args.workers.split(",")):
+            print(f"scale: {workers} control-plane worker(s)", flush=True)
+            rows.append(scale(bootstrap, Path(tmp), workers, args.jobs))
+            print("  " + rows[-1].row(), flush=True)
+        print("rebalance: join and leave under load", flush=True)
+        churn = rebalance(bootstrap, Path(tmp), args)
+    lines = [
+        f"## Scale and rebalance, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.scale`)",
+        "",
+        f"Commit `{git_commit()}`; 8 job partitions, one provider worker (instant simulated "
+        f"provider), bursts of {args.jobs} jobs of 200 B, each row on a fresh stack; every process "
+        "shares the same 2 cores, so jobs/s measures contention, CPU-s per job measures the work. "
+        f"Run took {time.monotonic() - began:.0f} s.",
+        "",
+        "| cp workers | finished | jobs/s | cp CPU ms/job (each) | provider worker ms/job | "
+        "broker ms/job | all ms/job | projected jobs/s per core | duplicate finals |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(row.row() for row in rows),
+        "",
+        *churn,
+        "",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if not args.no_record:
+        with RESULTS.open("a") as out:
+            out.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
