@@ -80,9 +80,14 @@ def pid_of(worker: Worker | None) -> int | None:
     return worker.process.pid if worker is not None and worker.process is not None else None
 
 
+#: Extra settings for every worker of the run (`--env NAME=VALUE`), for A/B runs.
+EXTRA_ENV: dict[str, str] = {}
+
+
 def new(bootstrap: str, tmp: Path, name: str) -> Stack:
     stack = new_stack(bootstrap, "s" + uuid.uuid4().hex[:8], name, tmp / name)
     stack.env["CP_LOG_LEVEL"] = "WARNING"
+    stack.env.update(EXTRA_ENV)
     return stack
 
 
@@ -120,14 +125,16 @@ class Event:
     name: str
     at: float  # seconds after the open loop's first send
 
-    def row(self, loop: OpenLoop, steady_gap: float) -> str:
+    def row(self, loop: OpenLoop, steady_gap: float, until: float) -> str:
+        """The event's window: from 1 s before it to 15 s after, or to the next event."""
+        end = min(self.at + WINDOW_S, until)
         finals = sorted(s + lat for s, lat in zip(loop.sent_at, loop.latencies, strict=True))
-        inside = [t for t in finals if self.at - 1 <= t <= self.at + WINDOW_S]
+        inside = [t for t in finals if self.at - 1 <= t <= end]
         gaps = [b - a for a, b in itertools.pairwise(inside)]
         sent = [
             lat
             for s, lat in zip(loop.sent_at, loop.latencies, strict=True)
-            if self.at - 1 <= s <= self.at + WINDOW_S
+            if self.at - 1 <= s <= end
         ]
         delayed = [lat for lat in sent if lat > DELAYED_S]
         return (
@@ -177,10 +184,13 @@ def rebalance(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
         f"{loop.duplicates} duplicate final responses, states {loop.states}); "
         f"job latency p50 {lat[len(lat) // 2] * 1000:.0f} ms over the whole run.",
         "",
-        "| event | longest gap between final responses in the 15 s after, ms | jobs sent then "
-        f"taking > {DELAYED_S:g} s | slowest, s |",
+        "| event | longest gap between final responses in the 15 s after (or up to the next "
+        f"event), ms | jobs sent then taking > {DELAYED_S:g} s | slowest, s |",
         "|---|---:|---:|---:|",
-        *(event.row(loop, steady_gap) for event in events),
+        *(
+            event.row(loop, steady_gap, until=after.at if after else float("inf"))
+            for event, after in zip(events, [*events[1:], None], strict=True)
+        ),
     ]
 
 
@@ -193,24 +203,32 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop jobs/s (100)")
     parser.add_argument("--join-at", type=float, default=10.0)
     parser.add_argument("--leave-at", type=float, default=30.0)
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="a worker setting"
+    )
+    parser.add_argument("--no-churn", action="store_true", help="skip the join/leave run")
     parser.add_argument("--no-record", action="store_true", help="do not append to results.md")
     args = parser.parse_args()
+    EXTRA_ENV.update(item.split("=", 1) for item in args.env)
 
     began = time.monotonic()
     rows: list[Scale] = []
     with kafka_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
-        for workers in (int(n) for n in args.workers.split(",")):
+        for workers in (int(n) for n in args.workers.split(",") if n):
             print(f"scale: {workers} control-plane worker(s)", flush=True)
             rows.append(scale(bootstrap, Path(tmp), workers, args.jobs))
             print("  " + rows[-1].row(), flush=True)
-        print("rebalance: join and leave under load", flush=True)
-        churn = rebalance(bootstrap, Path(tmp), args)
+        churn: list[str] = []
+        if not args.no_churn:
+            print("rebalance: join and leave under load", flush=True)
+            churn = rebalance(bootstrap, Path(tmp), args)
     lines = [
         f"## Scale and rebalance, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.scale`)",
         "",
         f"Commit `{git_commit()}`; 8 job partitions, one provider worker (instant simulated "
         f"provider), bursts of {args.jobs} jobs of 200 B, each row on a fresh stack; every process "
         "shares the same 2 cores, so jobs/s measures contention, CPU-s per job measures the work. "
+        f"Worker settings: {EXTRA_ENV or 'defaults'}. "
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
         "| cp workers | finished | jobs/s | cp CPU ms/job (each) | provider worker ms/job | "

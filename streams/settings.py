@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     web_port: int = 6066
     web_advertised_url: str | None = None
     broker_session_timeout_s: float = 10.0
-    broker_heartbeat_interval_s: float = 3.0
+    broker_heartbeat_interval_s: float = 1
     timer_interval_s: float = 0.25
     producer_linger_ms: int = 3
     commit_interval_ms: int = 100
