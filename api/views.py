@@ -613,6 +613,10 @@ class Providers(View):
                         "latency_ewma_ms": observed.latency_ewma_ms if observed else None,
                         "error_rate": observed.error_rate if observed else 0.0,
                         "samples": observed.samples if observed else 0,
+                        "consecutive_failures": observed.consecutive_failures if observed else 0,
+                        "updated_at": observed.updated_at.isoformat()
+                        if observed and observed.updated_at
+                        else None,
                         "circuit": effective_circuit(observed, now, runtime.policy.circuit)
                         if observed
                         else "closed",
@@ -623,7 +627,10 @@ class Providers(View):
             {
                 "catalogue_version": runtime.catalogue.version,
                 "policy_version": runtime.policy.version,
-                "health_scope": "results applied by the answering worker",
+                # Every worker folds every attempt outcome of the cluster (cp.health).
+                "health_scope": "cluster",
+                "health_as_of": runtime.health.as_of.isoformat() if runtime.health.as_of else None,
+                "health_outcomes_folded": runtime.health.folded,
                 "providers": providers,
             }
         )

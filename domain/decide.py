@@ -63,6 +63,8 @@ class Context:
     health: Mapping[str, ProviderHealth] = field(default_factory=dict)
     #: Enabled providers this process cannot route to (no API key), with why.
     unavailable: Mapping[str, Unavailable] = field(default_factory=dict)
+    #: Time of the newest attempt outcome folded into `health` (None: nothing observed yet).
+    health_as_of: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +544,7 @@ def _create(job: Job | None, command: CreateJob, ctx: Context) -> Decision:
         health=ctx.health,
         now=command.at,
         unavailable=ctx.unavailable,
+        health_as_of=ctx.health_as_of,
     )
     if decision.chosen is None:
         step.update(decisions=[decision])

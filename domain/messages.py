@@ -486,3 +486,21 @@ class WebhookDelivery(Message):
     callback_url: str
     response: FinalResponse
     trace: TraceContext = Field(default_factory=TraceContext)
+
+
+class HealthRecord(Message):
+    """One attempt outcome as every worker reads it from the cluster's health topic (cp.health).
+
+    The job core writes one per outcome inside the step's transaction, so an outcome counts once
+    and only when its step committed; every worker folds the topic in its order
+    (`domain.health.observe`), so all of them hold the same health and open the same circuits.
+    """
+
+    schema_version: Literal[1] = 1
+    provider: str = Field(min_length=1, max_length=256)
+    ok: bool
+    latency_ms: int | None = Field(default=None, ge=0, le=2**31)
+    at: AwareDatetime
+    #: The job and the worker whose step saw it (to trace a circuit back to its causes).
+    job_id: str | None = Field(default=None, max_length=256)
+    worker: str | None = Field(default=None, max_length=1024)

@@ -150,6 +150,7 @@ def replay_decision(
         health=decision.health,
         now=at,
         unavailable=unavailable,
+        health_as_of=decision.health_as_of,
     )
     old_cost, old_latency = _estimate(decision)
     new_cost, new_latency = _estimate(again)

@@ -46,7 +46,7 @@ from datetime import datetime
 from decimal import Decimal, localcontext
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from domain.catalogue import Catalogue, ModelSpec, ProviderSpec, Unavailable
 from domain.health import ProviderHealth, effective_circuit
@@ -183,6 +183,11 @@ class RoutingDecision(_Frozen):
     constraints: RecordedConstraints | None = None
     #: Providers this process could not route to, with why (None when not recorded).
     unavailable: dict[str, str] | None = None
+    #: Time of the newest attempt outcome folded into `health` (the cluster's health topic), and
+    #: how old it was when routing ran: a large age on a busy system means the fold lagged.
+    #: None when nothing had been observed (or in decisions recorded before they were).
+    health_as_of: AwareDatetime | None = None
+    health_age_ms: int | None = None
 
     def targets(self) -> list[Target]:
         """Return the chosen target followed by the fallback plan."""
@@ -431,6 +436,7 @@ def route(
     now: datetime,
     exclude: Collection[tuple[str, str]] = (),
     unavailable: Mapping[str, Unavailable] | None = None,
+    health_as_of: datetime | None = None,
 ) -> RoutingDecision:
     """Decide where a job goes and where it falls back to; same inputs give the same decision."""
     return route_inputs(
@@ -441,6 +447,7 @@ def route(
         now=now,
         exclude=exclude,
         unavailable=unavailable,
+        health_as_of=health_as_of,
     )
 
 
@@ -453,8 +460,13 @@ def route_inputs(
     now: datetime,
     exclude: Collection[tuple[str, str]] = (),
     unavailable: Mapping[str, Unavailable] | None = None,
+    health_as_of: datetime | None = None,
 ) -> RoutingDecision:
-    """`route` on a request's recorded routing inputs (what `domain.replay` re-runs)."""
+    """`route` on a request's recorded routing inputs (what `domain.replay` re-runs).
+
+    `health_as_of` is the time of the newest outcome folded into `health`; the decision records
+    it and the snapshot's age at `now`.
+    """
     if now.tzinfo is None:
         raise ValueError("route needs an aware datetime")
     prompt_tokens = inputs.prompt_tokens_estimate
@@ -506,4 +518,10 @@ def route_inputs(
         required_capabilities=list(needs),
         constraints=inputs.constraints,
         unavailable={name: u.reason for name, u in sorted((unavailable or {}).items())},
+        health_as_of=health_as_of,
+        health_age_ms=(
+            None
+            if health_as_of is None
+            else max(0, round((now - health_as_of).total_seconds() * 1000))
+        ),
     )

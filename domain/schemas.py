@@ -21,6 +21,7 @@ from domain.messages import (
     DeadLetter,
     Dispatch,
     FinalResponse,
+    HealthRecord,
     JobEvent,
     JobRequest,
     ProviderCancel,
@@ -42,6 +43,7 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "final_response": FinalResponse,
     "dead_letter": DeadLetter,
     "webhook_delivery": WebhookDelivery,
+    "health_record": HealthRecord,
 }
 
 

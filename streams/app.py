@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from api.problems import problem_documents
 from streams.core import JobCore
+from streams.health import HealthFeed
 from streams.logs import logging_config
 from streams.metrics import Metrics
 from streams.runtime import Runtime
@@ -84,6 +85,8 @@ core = JobCore(
     dispatch_topics={provider: t.get_topic_name() for provider, t in topics.dispatch.items()},
 )
 
+health_feed = HealthFeed(settings, runtime.health, registry)
+
 
 @app.service
 class CoreService(Service):
@@ -96,12 +99,15 @@ class CoreService(Service):
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+        # Routing starts with the cluster's provider health, not an empty one.
+        await health_feed.start()
         await core.start()
         assert core.task is not None
         core.task.add_done_callback(self._core_ended)
 
     async def on_stop(self) -> None:
         await core.stop()
+        await health_feed.stop()
 
     def _core_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or core.stopping:

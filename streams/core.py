@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
@@ -128,6 +129,7 @@ class JobCore:
         self.webhooks_topic = settings.topic("cp.webhooks")
         self.webhook_hosts = parse_allowed_hosts(settings.webhook_allowed_hosts)
         self.dlq_topic = settings.topic("cp.dlq")
+        self.health_topic = settings.topic("cp.health")
         self.changelog_topic = settings.topic("{app_id}-jobs-changelog")
         self.dispatch_topics = dispatch_topics
         #: Providers whose dispatch queue cannot take records, with why: their attempts fail at
@@ -524,7 +526,22 @@ class JobCore:
 
                 decision, new, effects, request = self._decide(job, command, internal)
         for observation in decision.observations:
-            self.runtime.health.observe(observation)
+            # Folded by every worker's HealthFeed once this step commits (streams.health).
+            txn.add(
+                self.health_topic,
+                observation.provider.encode(),
+                orjson.dumps(
+                    {
+                        "schema_version": 1,
+                        "provider": observation.provider,
+                        "ok": observation.ok,
+                        "latency_ms": observation.latency_ms,
+                        "at": observation.at,
+                        "job_id": command.job_id,
+                        "worker": self.url,
+                    }
+                ),
+            )
         if decision.dead_letter is not None and record is not None:
             self._dead_letter(txn, record, *decision.dead_letter)
         if new is None or new is job:

@@ -18,7 +18,13 @@ from domain.catalogue import (
     resolve_providers,
 )
 from domain.decide import Context, Observation
-from domain.health import ProviderHealth, effective_circuit, initial_health, observe
+from domain.health import (
+    ProviderHealth,
+    effective_circuit,
+    initial_health,
+    observe,
+)
+from domain.messages import HealthRecord
 from domain.policy import RoutingPolicy, load_policy
 from streams.settings import Settings
 
@@ -61,12 +67,19 @@ def report_providers(resolved: ResolvedProviders, *, worker: str) -> None:
 
 @dataclass
 class HealthBook:
-    """Provider health observed from the results this worker applies (latency, errors, circuit)."""
+    """Provider health of the whole cluster (latency, errors, circuit), folded from cp.health.
+
+    Every worker folds the same records in the same order (`streams.health.HealthFeed`), so a
+    circuit opened by failures seen through one worker is open on all of them.
+    """
 
     policy: RoutingPolicy
     providers: dict[str, ProviderHealth] = field(default_factory=dict)
+    #: Time of the newest outcome folded (None: nothing yet).
+    as_of: datetime | None = None
+    folded: int = 0
 
-    def observe(self, observation: Observation) -> None:
+    def observe(self, observation: Observation | HealthRecord) -> None:
         current = self.providers.get(observation.provider) or initial_health(observation.provider)
         self.providers[observation.provider] = observe(
             current,
@@ -75,6 +88,9 @@ class HealthBook:
             at=observation.at,
             policy=self.policy.circuit,
         )
+        self.folded += 1
+        if self.as_of is None or observation.at > self.as_of:
+            self.as_of = observation.at
 
     def snapshot(self) -> dict[str, ProviderHealth]:
         return dict(self.providers)
@@ -151,4 +167,5 @@ class Runtime:
             policy=self.policy,
             health=self.health.snapshot(),
             unavailable=self.unavailable,
+            health_as_of=self.health.as_of,
         )

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     core_turn_slice_ms: float = 2
     #: Rendered status views (GET /jobs/{id}) a worker keeps, split evenly over its partitions.
     status_views: int = 32768
+    #: How much of the cluster's provider health (cp.health) a starting worker replays.
+    health_replay_s: float = 300.0
     job_retention_s: float = 72 * 3600.0
     idempotency_window_s: float = 7 * 24 * 3600.0
     provider_concurrency: int = 64

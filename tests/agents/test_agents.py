@@ -30,6 +30,7 @@ from domain.lifecycle import AttemptStatus, JobStatus
 from domain.messages import (
     Dispatch,
     FinalResponse,
+    HealthRecord,
     JobEvent,
     JobRequest,
     Output,
@@ -73,6 +74,7 @@ RESULTS = "cp.results"
 EVENTS = "cp.events"
 RESPONSES = "cp.responses"
 DLQ = "cp.dlq"
+HEALTH = "cp.health"
 CHANGELOG = "{app_id}-jobs-changelog"
 
 
@@ -562,7 +564,11 @@ async def test_results_complete_a_job_end_to_end(driver: Driver) -> None:
     final = FinalResponse.model_validate_json(response.value or b"")
     assert (final.state, final.output) == ("COMPLETED", done.final.output)
     assert "completed" in {e.type for e in events(driver.pending(EVENTS))}
-    assert attempt.provider in driver.core.runtime.health.providers
+    # The outcome goes to cp.health in the step's transaction; every worker's feed folds it.
+    [outcome] = [HealthRecord.model_validate_json(r.value or b"") for r in driver.pending(HEALTH)]
+    assert (outcome.provider, outcome.ok, outcome.job_id) == (attempt.provider, True, job.job_id)
+    assert driver.pending(HEALTH)[0].key == attempt.provider.encode()
+    assert driver.core.runtime.health.providers == {}  # folded from the topic, not locally
     # Final: long-polls wake at the commit, no timer is left, retirement is scheduled.
     part = driver.core.parts[4]
     assert driver.core.txns[4].finished == [job.job_id]

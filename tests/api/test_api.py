@@ -638,7 +638,14 @@ async def test_providers_with_health(http: aiohttp.ClientSession, api_stack: Api
         assert {"sim-cheap", "sim-fast", "sim-smart"} <= set(providers)
         for provider in body["providers"]:
             health = provider["health"]
-            assert set(health) == {"latency_ewma_ms", "error_rate", "samples", "circuit"}
+            assert set(health) == {
+                "latency_ewma_ms",
+                "error_rate",
+                "samples",
+                "consecutive_failures",
+                "updated_at",
+                "circuit",
+            }
             assert 0.0 <= health["error_rate"] <= 1.0
             assert health["samples"] >= 0
             assert health["circuit"] in {"closed", "open", "half_open"}

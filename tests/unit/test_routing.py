@@ -432,3 +432,27 @@ def test_routing_is_deterministic_and_order_independent(
     again = _route(request, catalogue=shuffled, health=reversed_health)
     assert again == first
     assert again.model_dump_json() == first.model_dump_json()
+
+
+def test_the_decision_records_the_health_snapshot_and_its_age() -> None:
+    health = {"sim-cheap": _open("sim-cheap", opened_at=NOW - timedelta(seconds=2))}
+    as_of = NOW - timedelta(milliseconds=1500)
+    decision = route(
+        _request(), catalogue=CATALOGUE, policy=POLICY, health=health, now=NOW, health_as_of=as_of
+    )
+    assert decision.health == health
+    assert (decision.health_as_of, decision.health_age_ms) == (as_of, 1500)
+    # A snapshot dated after the decision (clocks of two workers) has age 0, never negative.
+    later = route(
+        _request(),
+        catalogue=CATALOGUE,
+        policy=POLICY,
+        health=health,
+        now=NOW,
+        health_as_of=NOW + timedelta(seconds=1),
+    )
+    assert later.health_age_ms == 0
+    # Nothing observed yet: no age, and the decision reads back as recorded.
+    fresh = _route(_request())
+    assert (fresh.health_as_of, fresh.health_age_ms) == (None, None)
+    assert RoutingDecision.model_validate_json(decision.model_dump_json()) == decision

@@ -15,6 +15,7 @@ from domain.messages import (
     DeadLetter,
     Dispatch,
     FinalResponse,
+    HealthRecord,
     JobEvent,
     JobRequest,
     ProviderCancel,
@@ -36,6 +37,7 @@ EXPECTED_FILES: dict[str, type[BaseModel]] = {
     "final_response.v1.json": FinalResponse,
     "dead_letter.v1.json": DeadLetter,
     "webhook_delivery.v1.json": WebhookDelivery,
+    "health_record.v1.json": HealthRecord,
 }
 
 AT = "2026-01-01T00:00:00Z"
@@ -132,6 +134,15 @@ EXAMPLES["webhook_delivery.v1.json"] = {
     "tenant_id": "tenant-a",
     "callback_url": "https://hooks.example.com/jobs",
     "response": EXAMPLES["final_response.v1.json"],
+}
+
+EXAMPLES["health_record.v1.json"] = {
+    "provider": "sim-cheap",
+    "ok": False,
+    "latency_ms": 120,
+    "at": AT,
+    "job_id": "job_x",
+    "worker": "http://127.0.0.1:6066",
 }
 
 

@@ -29,6 +29,7 @@ REQUIRED = {
     "cp.events",
     "cp.responses",
     "cp.dlq",
+    "cp.health",
     "{app_id}-jobs-changelog",
 }
 
