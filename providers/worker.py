@@ -67,6 +67,8 @@ COMMIT_EVERY_S = 0.1
 PRUNE_EVERY_S = 3600.0
 #: Handled keys looked at between two turns of the event loop while pruning.
 PRUNE_CHUNK = 5_000
+#: How often the group consumers refresh topic metadata (new partitions of a grown topic).
+METADATA_MAX_AGE_MS = 10_000
 #: Longest wait for calls abandoned at shutdown to unwind once cancelled.
 CANCEL_WAIT_S = 5.0
 
@@ -86,6 +88,9 @@ def group_consumer(
         session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
         max_poll_records=200,
+        # Partitions added by `streams.repartition` are seen (and joined) within this time,
+        # instead of aiokafka's 5 minutes.
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
 

@@ -99,6 +99,18 @@ class InjectedFault(RuntimeError):
     """A fault a test asked for (`fault_injection` setting, `cp_fault` request metadata)."""
 
 
+class PartitionCountMismatch(RuntimeError):
+    """The broker's job topics have another partition count than topics.yaml declares."""
+
+    def __init__(self, declared: int, found: dict[str, int]) -> None:
+        detail = ", ".join(f"{topic} has {count}" for topic, count in sorted(found.items()))
+        super().__init__(
+            f"topics.yaml declares {declared} job partitions but {detail}: to grow a deployment, "
+            "stop every control-plane worker and run `python -m streams.repartition` "
+            "(README, Scaling); otherwise set topics.yaml to the broker's count"
+        )
+
+
 class CoreNotReady(Exception):
     """The job's partition is not served here right now (moving, restoring or elsewhere)."""
 
@@ -186,11 +198,32 @@ class JobCore:
             log.critical(str(exc), extra={"event": "core.missing_topics", "missing": exc.missing})
             await self.consumer.stop()
             raise
+        try:
+            await self.check_partition_counts()
+        except PartitionCountMismatch as exc:
+            log.critical(str(exc), extra={"event": "core.partition_mismatch"})
+            await self.consumer.stop()
+            raise
         self.consumer.subscribe(
             [self.intake_topic, self.commands_topic, self.results_topic],
             listener=_Rebalance(self),
         )
         self.task = asyncio.ensure_future(self._run())
+
+    async def check_partition_counts(self) -> None:
+        """Refuse to start when the broker's job topics do not have the configured count.
+
+        Jobs are placed by `murmur2(job_id) % partitions`: a worker counting differently from the
+        broker (topics.yaml changed without `streams.repartition`, or the reverse) would look
+        for every job in the wrong place.
+        """
+        assert self.consumer is not None
+        cluster = await self.consumer._client.fetch_all_metadata()
+        inputs = [self.intake_topic, self.commands_topic, self.results_topic, self.changelog_topic]
+        counts = {t: len(cluster.partitions_for_topic(t) or ()) for t in inputs}
+        wrong = {t: n for t, n in counts.items() if n and n != self.partitions}
+        if wrong:
+            raise PartitionCountMismatch(self.partitions, wrong)
 
     def check_dispatch_topics(self, existing: set[str]) -> None:
         """Refuse to start when a provider routing may choose has no dispatch topic.

@@ -83,6 +83,7 @@ class Stack:
             topic_prefix=self.prefix,
             # The dispatch topics follow from the catalogue the workers run.
             catalogue_file=Path(self.env.get("CP_CATALOGUE_FILE", ROOT / "config/catalogue.yaml")),
+            topics_file=Path(self.env.get("CP_TOPICS_FILE", ROOT / "topics.yaml")),
         )
 
     def create_topics(self) -> None:
@@ -126,7 +127,9 @@ class Stack:
             worker.stop(timeout=15)
 
 
-def new_stack(bootstrap: str, run_id: str, name: str, root: Path) -> Stack:
+def new_stack(
+    bootstrap: str, run_id: str, name: str, root: Path, *, topics_file: Path | None = None
+) -> Stack:
     catalogue, policy = write_test_config(root / "config")
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -138,6 +141,8 @@ def new_stack(bootstrap: str, run_id: str, name: str, root: Path) -> Stack:
         "CP_TIMER_INTERVAL_S": "0.1",
         "CP_PROVIDER_CONCURRENCY": "256",
     }
+    if topics_file is not None:
+        env["CP_TOPICS_FILE"] = str(topics_file)
     stack = Stack(bootstrap=bootstrap, env=env, root=root)
     stack.create_topics()
     return stack
