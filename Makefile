@@ -58,11 +58,12 @@ test: lint system-deps kafka-up ## Lint, then every test tier against the real b
 system-deps: ## Install kcat, prometheus, chromium and wrk for the tests and benchmarks that drive them (Debian, root)
 	@scripts/system-deps.sh
 
-bench: $(STAMP) system-deps kafka-up ## Measure throughput, latency, memory, listing and read cost, scale-out; append to bench/results.md
+bench: $(STAMP) system-deps kafka-up ## Measure throughput, latency, memory, listing and read cost, scale-out, partition cost; append to bench/results.md
 	$(PY) -m bench.throughput
 	$(PY) -m bench.listing $(LIST_ARGS)
 	$(PY) -m bench.reads $(READS_ARGS)
 	$(PY) -m bench.scale $(SCALE_ARGS)
+	$(PY) -m bench.partitions $(PARTITIONS_ARGS)
 
 api-fuzz: $(STAMP) kafka-up ## Fuzz the HTTP API of a fresh two-worker stack with schemathesis
 	$(PY) -m tests.api.fuzz $(FUZZ_ARGS)
