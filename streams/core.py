@@ -1110,6 +1110,18 @@ class JobCore:
         )
 
 
+def changelog_reader(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer outside any group that reads what committed to the changelog, in big fetches."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
+
+
 async def restore(
     settings: Settings, changelog: str, numbers: list[int], *, partitions: int = 1
 ) -> dict[int, Partition]:
@@ -1121,14 +1133,7 @@ async def restore(
         )
         for n in numbers
     }
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=32 * 1024 * 1024,
-    )
+    consumer = changelog_reader(settings)
     await consumer.start()
     try:
         tps = [TopicPartition(changelog, n) for n in numbers]

@@ -43,7 +43,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 
 from streams.admin import _admin
-from streams.core import partition_for
+from streams.core import changelog_reader, partition_for
 from streams.settings import Settings, get_settings
 from streams.topology import catalogue_topology
 from tables.exceptions import StateCorrupted
@@ -168,14 +168,7 @@ async def _move(
     settings: Settings, changelog: str, core_group: str, target: int, report: Report
 ) -> None:
     """Read every changelog partition (committed records only) and move what is misplaced."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=32 * 1024 * 1024,
-    )
+    consumer = changelog_reader(settings)
     producer: AIOKafkaProducer | None = None
     await consumer.start()
     try:
