@@ -1,11 +1,12 @@
 """Measure what each control-plane worker adds, and what a join or a leave costs under load.
 
-Scale: for 1, 2 and 4 control-plane workers in one group (8 job partitions) and one provider
-worker, a fresh stack runs a burst of `--jobs` 200 B jobs (instant simulated provider) and reports
-jobs/s and the CPU-seconds per job of every process (utime + stime from /proc): the control-plane
-workers summed and each, the provider worker, the broker. On a machine with fewer cores than
-processes the jobs/s cannot grow; the CPU-s per job shows whether a worker adds work of its own,
-and the projection `cores / (CPU-s per job of everything)` says what k cores would do.
+Scale: for 1, 2 and 4 control-plane workers in one group (8 job partitions) with one provider
+worker, and 2 of each (`--rows`), a fresh stack runs a burst of `--jobs` 200 B jobs (instant
+simulated provider) and reports jobs/s and the CPU-seconds per job of every process (utime +
+stime from /proc): the control-plane workers summed and each, the provider workers, the
+broker. On a machine with fewer cores than processes the jobs/s cannot grow; the CPU-s per job
+shows whether a worker adds work of its own, and the projection `cores / (CPU-s per job of
+everything)` says what k cores would do.
 
 Rebalance: two control-plane workers take an open loop at `--rate` jobs/s; a third joins after
 `--join-at` s and the first leaves (SIGTERM, graceful) after `--leave-at` s. Reported per event:
@@ -53,14 +54,19 @@ def cpu_s(pid: int | None) -> float:
 @dataclass
 class Scale:
     workers: int
+    provider_workers: int
     jobs: int
     rate: float
     cp_cpu_per_job_ms: float
     per_worker_ms: list[float]
-    providers_ms: float
+    per_provider_ms: list[float]
     broker_ms: float
     duplicates: int
     seen: int
+
+    @property
+    def providers_ms(self) -> float:
+        return sum(self.per_provider_ms)
 
     @property
     def total_ms(self) -> float:
@@ -68,10 +74,12 @@ class Scale:
 
     def row(self) -> str:
         each = " / ".join(f"{ms:.2f}" for ms in self.per_worker_ms)
+        each_provider = " / ".join(f"{ms:.2f}" for ms in self.per_provider_ms)
         projected = 1000.0 / self.total_ms if self.total_ms else 0.0
         return (
-            f"| {self.workers} | {self.seen}/{self.jobs} | {self.rate:.0f} | "
-            f"{self.cp_cpu_per_job_ms:.2f} ({each}) | {self.providers_ms:.2f} | "
+            f"| {self.workers} | {self.provider_workers} | {self.seen}/{self.jobs} | "
+            f"{self.rate:.0f} | {self.cp_cpu_per_job_ms:.2f} ({each}) | "
+            f"{self.providers_ms:.2f} ({each_provider}) | "
             f"{self.broker_ms:.2f} | {self.total_ms:.2f} | {projected:.0f} | {self.duplicates} |"
         )
 
@@ -91,15 +99,15 @@ def new(bootstrap: str, tmp: Path, name: str) -> Stack:
     return stack
 
 
-def scale(bootstrap: str, tmp: Path, workers: int, jobs: int) -> Scale:
-    stack = new(bootstrap, tmp, f"scale-{workers}")
+def scale(bootstrap: str, tmp: Path, workers: int, provider_workers: int, jobs: int) -> Scale:
+    stack = new(bootstrap, tmp, f"scale-{workers}x{provider_workers}")
     try:
-        stack.start_providers()
+        providers = [stack.start_providers(f"providers-{n + 1}") for n in range(provider_workers)]
         cps = [stack.start_cp(f"cp-{n + 1}", free_port()) for n in range(workers)]
         wait_ready([w.url for w in cps])
         asyncio.run(burst(stack, label="warmup", jobs=100, prompt_bytes=200, timeout_s=120))
         pids = [pid_of(w) for w in cps]
-        others = [pid_of(stack.providers), broker_pid(bootstrap)]
+        others = [*(pid_of(w) for w in providers), broker_pid(bootstrap)]
         before = [cpu_s(p) for p in pids + others]
         result = asyncio.run(burst(stack, label="scale", jobs=jobs, prompt_bytes=200))
         after = [cpu_s(p) for p in pids + others]
@@ -109,12 +117,13 @@ def scale(bootstrap: str, tmp: Path, workers: int, jobs: int) -> Scale:
     used = [(b - a) * 1000 / max(1, result.seen) for a, b in zip(before, after, strict=True)]
     return Scale(
         workers=workers,
+        provider_workers=provider_workers,
         jobs=jobs,
         rate=result.rate,
         cp_cpu_per_job_ms=sum(used[:workers]),
         per_worker_ms=used[:workers],
-        providers_ms=used[workers],
-        broker_ms=used[workers + 1],
+        per_provider_ms=used[workers : workers + provider_workers],
+        broker_ms=used[-1],
         duplicates=result.duplicates,
         seen=result.seen,
     )
@@ -199,7 +208,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=3000, help="burst jobs per row (3000)")
-    parser.add_argument("--workers", default="1,2,4", help="control-plane workers per row")
+    parser.add_argument(
+        "--rows",
+        default="1x1,2x1,4x1,2x2",
+        help="rows as <control-plane workers>x<provider workers> (1x1,2x1,4x1,2x2); empty: none",
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop jobs/s (100)")
     parser.add_argument("--join-at", type=float, default=10.0)
     parser.add_argument("--leave-at", type=float, default=30.0)
@@ -214,9 +227,12 @@ def main() -> None:
     began = time.monotonic()
     rows: list[Scale] = []
     with kafka_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
-        for workers in (int(n) for n in args.workers.split(",") if n):
-            print(f"scale: {workers} control-plane worker(s)", flush=True)
-            rows.append(scale(bootstrap, Path(tmp), workers, args.jobs))
+        for spec in (r for r in args.rows.split(",") if r):
+            workers, _, provider_workers = spec.partition("x")
+            print(f"scale: {workers} control-plane x {provider_workers or 1} provider", flush=True)
+            rows.append(
+                scale(bootstrap, Path(tmp), int(workers), int(provider_workers or 1), args.jobs)
+            )
             print("  " + rows[-1].row(), flush=True)
         churn: list[str] = []
         if not args.no_churn:
@@ -225,15 +241,16 @@ def main() -> None:
     lines = [
         f"## Scale and rebalance, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.scale`)",
         "",
-        f"Commit `{git_commit()}`; 8 job partitions, one provider worker (instant simulated "
-        f"provider), bursts of {args.jobs} jobs of 200 B, each row on a fresh stack; every process "
+        f"Commit `{git_commit()}`; 8 job partitions, instant simulated providers, "
+        f"bursts of {args.jobs} jobs of 200 B, each row on a fresh stack; every process "
         "shares the same 2 cores, so jobs/s measures contention, CPU-s per job measures the work. "
         f"Worker settings: {EXTRA_ENV or 'defaults'}. "
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
-        "| cp workers | finished | jobs/s | cp CPU ms/job (each) | provider worker ms/job | "
-        "broker ms/job | all ms/job | projected jobs/s per core | duplicate finals |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cp workers | provider workers | finished | jobs/s | cp CPU ms/job (each) | "
+        "provider workers ms/job (each) | broker ms/job | all ms/job | projected jobs/s per "
+        "core | duplicate finals |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(row.row() for row in rows),
         "",
         *churn,
