@@ -74,17 +74,18 @@ CANCEL_WAIT_S = 5.0
 
 
 def group_consumer(
-    settings: Settings, group_id: str, *, fetch_max_wait_ms: int
+    settings: Settings, group_id: str, *, fetch_max_wait_ms: int | None = None
 ) -> AIOKafkaConsumer:
     """A consumer in one of the workers' groups over what the job core writes: read_committed,
-    so what a fenced or aborted transaction wrote is never acted on; offsets committed by hand."""
+    so what a fenced or aborted transaction wrote is never acted on; offsets committed by hand.
+    `fetch_max_wait_ms` defaults to the setting (`CP_FETCH_MAX_WAIT_MS`)."""
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=settings.topic_prefix + group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
-        fetch_max_wait_ms=fetch_max_wait_ms,
+        fetch_max_wait_ms=fetch_max_wait_ms or settings.fetch_max_wait_ms,
         session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.broker_heartbeat_interval_s * 1000),
         max_poll_records=200,
@@ -331,9 +332,7 @@ class ProviderWorker:
         self.dispatch_topics = list(self.topic_of.values())
         self.results_topic = settings.topic("cp.results")
         self.dlq_topic = settings.topic("cp.dlq")
-        # Dispatches become readable when the job core commits: do not let the broker hold an
-        # empty fetch for long (its default 500 ms is all latency here).
-        self.consumer = group_consumer(settings, settings.provider_group_id, fetch_max_wait_ms=10)
+        self.consumer = group_consumer(settings, settings.provider_group_id)
         self.producer = idempotent_producer(settings)
 
     async def start(self) -> None:

@@ -67,9 +67,6 @@ RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
 RESULTS_GATE_MAX = timedelta(seconds=10)
 #: When a timer whose step failed outright looks at its job again.
 TIMER_RETRY = timedelta(seconds=60)
-#: How long the broker may hold a fetch with nothing new: transactional records become readable
-#: when their transaction commits, and a long-held fetch would sit on them (measured in bench/).
-FETCH_MAX_WAIT_MS = 10
 #: How long a partition's producer gathers records before sending them without a commit.
 TRANSACTION_LINGER_MS = 20
 #: How long a stopping core waits for the loop to finish its turn before cancelling it.
@@ -188,7 +185,7 @@ class JobCore:
             heartbeat_interval_ms=int(self.settings.broker_heartbeat_interval_s * 1000),
             max_poll_records=self.settings.core_max_poll_records,
             partition_assignment_strategy=(self.assignor,),
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
         await self.consumer.start()
         report_providers(self.runtime.providers, worker="control-plane")

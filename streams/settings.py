@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     producer_linger_ms: int = 3
     commit_interval_ms: int = 100
     core_max_poll_records: int = 200
+    #: How long the broker may hold a fetch with nothing new for the job core's and the provider
+    #: worker's consumers; records arriving meanwhile answer it at once. 10 ms cost an idle worker
+    #: ~90 ms CPU per second, 100 ms ~25 ms, latency alike (bench/results.md, "Fetch wait").
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=5000)
     #: Longest the job core applies records before it lets the event loop serve HTTP (ms).
     core_turn_slice_ms: float = 2
     #: Rendered status views (GET /jobs/{id}) a worker keeps, split evenly over its partitions.
