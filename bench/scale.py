@@ -6,7 +6,8 @@ simulated provider) and reports jobs/s and the CPU-seconds per job of every proc
 stime from /proc): the control-plane workers summed and each, the provider workers, the
 broker. On a machine with fewer cores than processes the jobs/s cannot grow; the CPU-s per job
 shows whether a worker adds work of its own, and the projection `cores / (CPU-s per job of
-everything)` says what k cores would do.
+everything)` says what k cores would do. The job core's transactions per job (its /metrics) say
+how finely the work was committed (a partition commits when a poll brings it nothing new).
 
 Rebalance: two control-plane workers take an open loop at `--rate` jobs/s; a third joins after
 `--join-at` s and the first leaves (SIGTERM, graceful) after `--leave-at` s. Reported per event:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import re
 import tempfile
 import time
 import uuid
@@ -33,7 +35,7 @@ from bench.scenarios import OpenLoop, burst, open_loop
 from bench.throughput import RESULTS, broker_pid, cleanup, git_commit
 from tests.support.broker import kafka_broker
 from tests.support.stack import Stack, new_stack
-from tests.support.workers import Worker, free_port
+from tests.support.workers import Worker, free_port, http_get
 
 #: A job is "delayed" by a rebalance when its final response takes longer than this.
 DELAYED_S = 1.0
@@ -61,6 +63,7 @@ class Scale:
     per_worker_ms: list[float]
     per_provider_ms: list[float]
     broker_ms: float
+    transactions_per_job: float
     duplicates: int
     seen: int
 
@@ -80,8 +83,18 @@ class Scale:
             f"| {self.workers} | {self.provider_workers} | {self.seen}/{self.jobs} | "
             f"{self.rate:.0f} | {self.cp_cpu_per_job_ms:.2f} ({each}) | "
             f"{self.providers_ms:.2f} ({each_provider}) | "
-            f"{self.broker_ms:.2f} | {self.total_ms:.2f} | {projected:.0f} | {self.duplicates} |"
+            f"{self.broker_ms:.2f} | {self.total_ms:.2f} | {projected:.0f} | "
+            f"{self.transactions_per_job:.2f} | {self.duplicates} |"
         )
+
+
+def transactions(worker: Worker) -> float:
+    """The job core transactions a worker committed so far (its /metrics)."""
+    status, body = http_get(worker.url + "/metrics")
+    found = re.search(rb'^cp_transactions_total\{outcome="committed"\} ([0-9.e+]+)$', body, re.M)
+    if status != 200 or found is None:
+        raise SystemExit(f"{worker.url}/metrics has no cp_transactions_total ({status})")
+    return float(found[1])
 
 
 def pid_of(worker: Worker | None) -> int | None:
@@ -109,8 +122,10 @@ def scale(bootstrap: str, tmp: Path, workers: int, provider_workers: int, jobs: 
         pids = [pid_of(w) for w in cps]
         others = [*(pid_of(w) for w in providers), broker_pid(bootstrap)]
         before = [cpu_s(p) for p in pids + others]
+        txns_before = sum(transactions(w) for w in cps)
         result = asyncio.run(burst(stack, label="scale", jobs=jobs, prompt_bytes=200))
         after = [cpu_s(p) for p in pids + others]
+        txns = sum(transactions(w) for w in cps) - txns_before
     finally:
         stack.stop()
         asyncio.run(cleanup(stack))
@@ -124,6 +139,7 @@ def scale(bootstrap: str, tmp: Path, workers: int, provider_workers: int, jobs: 
         per_worker_ms=used[:workers],
         per_provider_ms=used[workers : workers + provider_workers],
         broker_ms=used[-1],
+        transactions_per_job=txns / max(1, result.seen),
         duplicates=result.duplicates,
         seen=result.seen,
     )
@@ -249,8 +265,8 @@ def main() -> None:
         "",
         "| cp workers | provider workers | finished | jobs/s | cp CPU ms/job (each) | "
         "provider workers ms/job (each) | broker ms/job | all ms/job | projected jobs/s per "
-        "core | duplicate finals |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "core | transactions per job | duplicate finals |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(row.row() for row in rows),
         "",
         *churn,

@@ -949,8 +949,10 @@ class JobCore:
                 "transaction failed: the partition is rebuilt from its changelog",
                 extra={"event": "core.commit_failed", "partition": number, "error": repr(exc)},
             )
+            self.metrics.transactions.labels("failed").inc()
             self.failed.add(number)
             return
+        self.metrics.transactions.labels("committed").inc()
         part = self.parts.get(number)
         if part is not None:
             part.offsets.update({tp.topic: offset for tp, offset in offsets.items()})

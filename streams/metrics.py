@@ -118,6 +118,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.transactions = Counter(
+            "cp_transactions",
+            "Job-core transactions ended (one partition's steps each), by outcome: "
+            "committed or failed",
+            ["outcome"],
+            registry=registry,
+        )
         self.retired = Counter(
             "cp_jobs_retired", "Finished jobs that left the hot store", registry=registry
         )

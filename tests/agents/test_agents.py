@@ -457,10 +457,12 @@ async def test_a_commit_writes_the_rows_effects_and_input_offsets_in_one_transac
     # Steps only queue: the partition's producer has not been touched yet.
     producer = driver.producers[number]
     assert producer.calls == []
+    committed = metric(driver, "cp_transactions_total", outcome="committed")
 
     produced = await driver.commit()
 
     assert producer.calls == ["begin"] + ["send"] * 7 + ["commit"]
+    assert metric(driver, "cp_transactions_total", outcome="committed") == committed + 1
     *effects, row, offset = produced
     assert effects == queued
     assert (row.topic, row.key, row.partition) == (
@@ -1200,6 +1202,7 @@ async def test_a_transaction_never_commits_after_its_twin_failed(driver: Driver)
     assert producer.calls.count("commit") == 1
     assert number not in core.parts and number not in core.txns
     assert driver.consumer.rejoins == 1
+    assert metric(driver, "cp_transactions_total", outcome="failed") == 1
 
 
 async def test_a_twin_sends_nothing_until_the_commit_ahead_of_it_ended(driver: Driver) -> None:
