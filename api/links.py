@@ -55,7 +55,8 @@ class LinkSigner:
 
     def signature(self, job_id: str, tenant: str, exp: int) -> str:
         message = f"{job_id}|{tenant}|{exp}".encode("utf-8", "surrogateescape")
-        return _b64(hmac.new(self.secret, message, hashlib.sha256).digest())
+        # The one-shot digest runs in C: half the time of an hmac.new object, once per read.
+        return _b64(hmac.digest(self.secret, message, "sha256"))
 
     def timeline_link(self, job_id: str, tenant: str, now: float) -> str:
         exp = int(now + self.ttl_s)
