@@ -175,14 +175,6 @@ async def delete_topics(bootstrap: str, names: Iterable[str]) -> list[str]:
         await admin.close()
 
 
-async def topics_starting(bootstrap: str, prefix: str) -> list[str]:
-    admin = await _admin(bootstrap)
-    try:
-        return sorted(t for t in await admin.list_topics() if t.startswith(prefix))
-    finally:
-        await admin.close()
-
-
 # -- the raw ceiling -------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.listing import wait_ready
 from bench.scale import cpu_s, pid_of
 from bench.scenarios import burst, open_loop
-from bench.throughput import RESULTS, git_commit
+from bench.throughput import RESULTS, cleanup, git_commit
 from tests.support.broker import kafka_broker
 from tests.support.stack import new_stack
 from tests.support.workers import free_port
@@ -92,6 +92,7 @@ def measure(bootstrap: str, tmp: Path, wait_ms: int, args: argparse.Namespace) -
         run.burst_cp_ms_per_job = (cpu_s(pid_of(cp)) - cp_before) * 1000 / max(1, result.seen)
     finally:
         stack.stop()
+        asyncio.run(cleanup(stack))
     return run
 
 

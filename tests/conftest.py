@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import kafka_broker
+from tests.support.broker import forget_run, kafka_broker
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +19,12 @@ def run_id() -> str:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    """Yield the bootstrap servers of the session's broker."""
+def kafka_bootstrap(run_id: str) -> Iterator[str]:
+    """Yield the bootstrap servers of the session's broker; delete the session's topics after."""
     with kafka_broker() as servers:
         os.environ["KAFKA_BOOTSTRAP_SERVERS"] = servers
         yield servers
+        forget_run(servers, run_id)
 
 
 @pytest.fixture(scope="session")

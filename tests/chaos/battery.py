@@ -44,12 +44,12 @@ from typing import Any
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from domain.codec import encode
 from domain.commands import CancelJob
 from domain.ids import job_id_for
 from domain.messages import FinalResponse, Output, ProviderResult
+from tests.support.broker import delete_topics_starting
 from tests.support.checks import (
     TERMINAL,
     Drain,
@@ -525,18 +525,7 @@ class Run:
 
 async def delete_topics(stack: Stack) -> None:
     """Delete every topic of this stack (its prefix, or named from its app id)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
-    await admin.start()
-    try:
-        names = [
-            name
-            for name in await admin.list_topics()
-            if name.startswith((stack.prefix, stack.env["CP_APP_ID"] + "-"))
-        ]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
+    await delete_topics_starting(stack.bootstrap, stack.prefix, stack.env["CP_APP_ID"] + "-")
 
 
 @asynccontextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -9,6 +11,10 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,3 +57,25 @@ def kafka_broker() -> Iterator[str]:
     if not _port_open("127.0.0.1", port):
         subprocess.run([str(ROOT / "scripts" / "kafka.sh"), "up"], check=True, cwd=ROOT)
     yield f"127.0.0.1:{port}"
+
+
+async def delete_topics_starting(bootstrap: str, *prefixes: str) -> list[str]:
+    """Delete every topic whose name starts with one of `prefixes`; return the names deleted."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        doomed = sorted(name for name in await admin.list_topics() if name.startswith(prefixes))
+        for start in range(0, len(doomed), 100):
+            await admin.delete_topics(doomed[start : start + 100])
+        return doomed
+    finally:
+        await admin.close()
+
+
+def forget_run(bootstrap: str, run_id: str, timeout_s: float = 60.0) -> None:
+    """Delete the topics a test session or bench run created (all named from its run id), so a
+    long-lived local broker does not pile up partitions run after run. Never fails the run."""
+    try:
+        asyncio.run(asyncio.wait_for(delete_topics_starting(bootstrap, run_id), timeout_s))
+    except Exception as exc:
+        log.warning("could not delete the topics of run %s: %r", run_id, exc)
