@@ -204,8 +204,11 @@ async def measure(
     stack: Stack, owner: Worker, other: Worker, ids: list[str], args: argparse.Namespace
 ) -> tuple[float, list[Reads]]:
     assert owner.process is not None and other.process is not None
-    rate = (await burst(stack, label="rate", jobs=args.burst_jobs, prompt_bytes=200)).rate / 2
-    print(f"  200 B burst: half rate {rate:.0f} jobs/s", flush=True)
+    if args.rate:
+        rate = args.rate
+    else:
+        rate = (await burst(stack, label="rate", jobs=args.burst_jobs, prompt_bytes=200)).rate / 2
+        print(f"  200 B burst: half rate {rate:.0f} jobs/s", flush=True)
     mine, theirs = owner.process.pid, other.process.pid
     rows = [await wrk("owner, idle", owner.url, pid=mine, ids=ids, args=args)]
     print(f"  {rows[-1].row()}", flush=True)
@@ -236,8 +239,15 @@ def main() -> None:
     parser.add_argument("--burst-jobs", type=int, default=2000, help="jobs of the rate burst")
     parser.add_argument("--seconds", type=float, default=15.0, help="each wrk run (15)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="ingest jobs/s (default: half the burst rate)"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="a worker setting"
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to results.md")
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.env)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed (make system-deps installs it on Debian)")
 
@@ -246,6 +256,7 @@ def main() -> None:
         stack = new_stack(bootstrap, "r" + uuid.uuid4().hex[:8], "bench", Path(tmp))
         stack.env["CP_LOG_LEVEL"] = "WARNING"
         stack.env["CP_API_KEYS"] = f"{KEY}={TENANT}"
+        stack.env.update(extra_env)
         try:
             stack.start_providers()
             owner = stack.start_cp("cp-1", free_port())
@@ -278,8 +289,13 @@ def main() -> None:
         f"Commit `{git_commit()}`; `GET /jobs/{{id}}` over {len(ids)} finished jobs of cp-1 "
         f"(two control-plane workers), wrk 1 thread {args.connections} connections "
         f"{args.seconds:g} s per row, on the same 2 cores as the broker and the workers. "
-        "Ingest = a lean producer at half the 200 B burst rate measured first "
-        f"({rate:.0f} jobs/s). "
+        + (
+            f"Ingest = a lean producer at {rate:.0f} jobs/s (`--rate`). "
+            if args.rate
+            else "Ingest = a lean producer at half the 200 B burst rate measured first "
+            f"({rate:.0f} jobs/s). "
+        )
+        + f"Worker settings: {' '.join(args.env) or 'defaults'}. "
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
         "| read | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | answering worker CPU ms "
