@@ -24,17 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.listing import wait_ready
+from bench.report import pct_ms
 from bench.scale import cpu_s, pid_of
 from bench.scenarios import burst, open_loop
 from bench.throughput import RESULTS, cleanup, git_commit
 from tests.support.broker import kafka_broker
 from tests.support.stack import new_stack
 from tests.support.workers import free_port
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
 
 
 @dataclass
@@ -81,8 +77,8 @@ def measure(bootstrap: str, tmp: Path, wait_ms: int, args: argparse.Namespace) -
         for rate in args.rates:
             loop = asyncio.run(open_loop(stack, rate=rate, seconds=args.seconds))
             run.latency[rate] = (
-                percentile(loop.latencies, 0.5),
-                percentile(loop.latencies, 0.99),
+                pct_ms(loop.latencies, 0.5),
+                pct_ms(loop.latencies, 0.99),
                 loop.seen,
                 loop.jobs,
             )

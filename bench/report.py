@@ -45,6 +45,11 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
 
 
+def pct_ms(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of seconds, in ms (0 for no values)."""
+    return (pct(values, q) or 0.0) * 1000
+
+
 def _num(value: float | None, digits: int = 1, unit: str = "") -> str:
     if value is None:
         return "n/a"

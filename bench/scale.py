@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.listing import wait_ready
+from bench.report import pct_ms
 from bench.scenarios import OpenLoop, burst, open_loop
 from bench.throughput import RESULTS, broker_pid, cleanup, git_commit
 from tests.support.broker import kafka_broker
@@ -66,6 +67,8 @@ class Scale:
     transactions_per_job: float
     duplicates: int
     seen: int
+    #: Produce to final response, for `--steady` rows (a burst's latency is its queue).
+    latency_ms: tuple[float, float] | None = None
 
     @property
     def providers_ms(self) -> float:
@@ -84,7 +87,12 @@ class Scale:
             f"{self.rate:.0f} | {self.cp_cpu_per_job_ms:.2f} ({each}) | "
             f"{self.providers_ms:.2f} ({each_provider}) | "
             f"{self.broker_ms:.2f} | {self.total_ms:.2f} | {projected:.0f} | "
-            f"{self.transactions_per_job:.2f} | {self.duplicates} |"
+            f"{self.transactions_per_job:.2f} | {self.duplicates} | "
+            + (
+                f"{self.latency_ms[0]:.0f} / {self.latency_ms[1]:.0f} |"
+                if self.latency_ms
+                else "- |"
+            )
         )
 
 
@@ -112,7 +120,10 @@ def new(bootstrap: str, tmp: Path, name: str) -> Stack:
     return stack
 
 
-def scale(bootstrap: str, tmp: Path, workers: int, provider_workers: int, jobs: int) -> Scale:
+def scale(
+    bootstrap: str, tmp: Path, workers: int, provider_workers: int, jobs: int, *, steady: float
+) -> Scale:
+    """One row: a burst of `jobs`, or with `steady` an open loop of `jobs` at that rate."""
     stack = new(bootstrap, tmp, f"scale-{workers}x{provider_workers}")
     try:
         providers = [stack.start_providers(f"providers-{n + 1}") for n in range(provider_workers)]
@@ -123,25 +134,36 @@ def scale(bootstrap: str, tmp: Path, workers: int, provider_workers: int, jobs: 
         others = [*(pid_of(w) for w in providers), broker_pid(bootstrap)]
         before = [cpu_s(p) for p in pids + others]
         txns_before = sum(transactions(w) for w in cps)
-        result = asyncio.run(burst(stack, label="scale", jobs=jobs, prompt_bytes=200))
+        if steady:
+            loop = asyncio.run(open_loop(stack, rate=steady, seconds=jobs / steady))
+            rate, seen, duplicates = loop.achieved_rate, loop.seen, loop.duplicates
+            latency: tuple[float, float] | None = (
+                pct_ms(loop.latencies, 0.5),
+                pct_ms(loop.latencies, 0.99),
+            )
+        else:
+            result = asyncio.run(burst(stack, label="scale", jobs=jobs, prompt_bytes=200))
+            rate, seen, duplicates = result.rate, result.seen, result.duplicates
+            latency = None
         after = [cpu_s(p) for p in pids + others]
         txns = sum(transactions(w) for w in cps) - txns_before
     finally:
         stack.stop()
         asyncio.run(cleanup(stack))
-    used = [(b - a) * 1000 / max(1, result.seen) for a, b in zip(before, after, strict=True)]
+    used = [(b - a) * 1000 / max(1, seen) for a, b in zip(before, after, strict=True)]
     return Scale(
         workers=workers,
         provider_workers=provider_workers,
         jobs=jobs,
-        rate=result.rate,
+        rate=rate,
         cp_cpu_per_job_ms=sum(used[:workers]),
         per_worker_ms=used[:workers],
         per_provider_ms=used[workers : workers + provider_workers],
         broker_ms=used[-1],
-        transactions_per_job=txns / max(1, result.seen),
-        duplicates=result.duplicates,
-        seen=result.seen,
+        transactions_per_job=txns / max(1, seen),
+        duplicates=duplicates,
+        seen=seen,
+        latency_ms=latency,
     )
 
 
@@ -229,6 +251,13 @@ def main() -> None:
         default="1x1,2x1,4x1,2x2",
         help="rows as <control-plane workers>x<provider workers> (1x1,2x1,4x1,2x2); empty: none",
     )
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=0.0,
+        help="scale rows as an open loop of --jobs at this many jobs/s instead of a burst: the "
+        "CPU per job at a moderate rate, with latency",
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop jobs/s (100)")
     parser.add_argument("--join-at", type=float, default=10.0)
     parser.add_argument("--leave-at", type=float, default=30.0)
@@ -247,7 +276,14 @@ def main() -> None:
             workers, _, provider_workers = spec.partition("x")
             print(f"scale: {workers} control-plane x {provider_workers or 1} provider", flush=True)
             rows.append(
-                scale(bootstrap, Path(tmp), int(workers), int(provider_workers or 1), args.jobs)
+                scale(
+                    bootstrap,
+                    Path(tmp),
+                    int(workers),
+                    int(provider_workers or 1),
+                    args.jobs,
+                    steady=args.steady,
+                )
             )
             print("  " + rows[-1].row(), flush=True)
         churn: list[str] = []
@@ -258,15 +294,21 @@ def main() -> None:
         f"## Scale and rebalance, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.scale`)",
         "",
         f"Commit `{git_commit()}`; 8 job partitions, instant simulated providers, "
-        f"bursts of {args.jobs} jobs of 200 B, each row on a fresh stack; every process "
+        + (
+            f"an open loop of {args.jobs} jobs of 200 B at {args.steady:g} jobs/s per row "
+            "(`--steady`), "
+            if args.steady
+            else f"bursts of {args.jobs} jobs of 200 B, "
+        )
+        + "each row on a fresh stack; every process "
         "shares the same 2 cores, so jobs/s measures contention, CPU-s per job measures the work. "
         f"Worker settings: {EXTRA_ENV or 'defaults'}. "
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
         "| cp workers | provider workers | finished | jobs/s | cp CPU ms/job (each) | "
         "provider workers ms/job (each) | broker ms/job | all ms/job | projected jobs/s per "
-        "core | transactions per job | duplicate finals |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "core | transactions per job | duplicate finals | latency p50 / p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(row.row() for row in rows),
         "",
         *churn,
