@@ -9,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.integration.conftest import create_topics
 from tests.support.broker import delete_topics_starting, forget_run
+from tests.support.workers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +30,15 @@ def test_only_the_runs_topics_are_deleted(kafka_bootstrap: str, run_id: str) -> 
     mine = [f"{run_id}x.cleanup.a", f"{run_id}x-app-changelog"]
     other = f"{run_id}y.cleanup.kept"
     create_topics(kafka_bootstrap, [*mine, other], partitions=1)
-    assert set(mine) | {other} <= topics(kafka_bootstrap)
+    # The broker's metadata lists a new topic a moment after it was created.
+    wait_for(lambda: set(mine) | {other} <= topics(kafka_bootstrap), timeout=30, what="new topics")
 
     forget_run(kafka_bootstrap, f"{run_id}x")
 
-    left = topics(kafka_bootstrap)
-    assert not set(mine) & left
-    assert other in left
+    wait_for(
+        lambda: not set(mine) & topics(kafka_bootstrap), timeout=30, what="the run's topics gone"
+    )
+    assert other in topics(kafka_bootstrap)
     assert asyncio.run(delete_topics_starting(kafka_bootstrap, f"{run_id}y.")) == [other]
 
 
