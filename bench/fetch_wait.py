@@ -25,11 +25,10 @@ from pathlib import Path
 
 from bench.listing import wait_ready
 from bench.report import pct_ms
-from bench.scale import cpu_s, pid_of
+from bench.scale import cpu_s, new, pid_of
 from bench.scenarios import burst, open_loop
 from bench.throughput import RESULTS, cleanup, git_commit
 from tests.support.broker import kafka_broker
-from tests.support.stack import new_stack
 from tests.support.workers import free_port
 
 
@@ -56,9 +55,7 @@ class Run:
 
 
 def measure(bootstrap: str, tmp: Path, wait_ms: int, args: argparse.Namespace) -> Run:
-    name = f"fw-{wait_ms}-{uuid.uuid4().hex[:4]}"
-    stack = new_stack(bootstrap, "f" + uuid.uuid4().hex[:8], name, tmp / name)
-    stack.env["CP_LOG_LEVEL"] = "WARNING"
+    stack = new(bootstrap, tmp, f"fw-{wait_ms}-{uuid.uuid4().hex[:4]}")
     stack.env["CP_FETCH_MAX_WAIT_MS"] = str(wait_ms)
     run = Run(wait_ms)
     try:

@@ -28,7 +28,7 @@ from bench.report import Header, Run, render
 from bench.scenarios import burst, open_loop, restart
 from streams.settings import Settings
 from streams.topology import catalogue_topology, load_topology
-from tests.support.broker import delete_topics_starting, kafka_broker
+from tests.support.broker import kafka_broker
 from tests.support.stack import Stack, new_stack
 from tests.support.workers import ROOT
 
@@ -96,7 +96,7 @@ def counted_topics() -> list[str]:
 
 async def cleanup(stack: Stack) -> list[str]:
     """Delete every topic of this run (its prefix, or named from its app id)."""
-    return await delete_topics_starting(stack.bootstrap, stack.prefix, stack.env["CP_APP_ID"] + "-")
+    return await stack.delete_topics()
 
 
 def measure(stack: Stack, args: argparse.Namespace, run: Run, tmp: Path) -> None:

@@ -49,7 +49,6 @@ from domain.codec import encode
 from domain.commands import CancelJob
 from domain.ids import job_id_for
 from domain.messages import FinalResponse, Output, ProviderResult
-from tests.support.broker import delete_topics_starting
 from tests.support.checks import (
     TERMINAL,
     Drain,
@@ -523,11 +522,6 @@ class Run:
             self.note(f"HTTP answers that count: {seen}")
 
 
-async def delete_topics(stack: Stack) -> None:
-    """Delete every topic of this stack (its prefix, or named from its app id)."""
-    await delete_topics_starting(stack.bootstrap, stack.prefix, stack.env["CP_APP_ID"] + "-")
-
-
 @asynccontextmanager
 async def running(
     battery: Battery,
@@ -569,7 +563,7 @@ async def running(
     finally:
         await asyncio.to_thread(stack.stop)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(delete_topics(stack), 30)
+            await asyncio.wait_for(stack.delete_topics(), 30)
 
 
 # -- the faults ------------------------------------------------------------------------------------

@@ -73,8 +73,8 @@ async def delete_topics_starting(bootstrap: str, *prefixes: str) -> list[str]:
 
 
 def forget_run(bootstrap: str, run_id: str, timeout_s: float = 60.0) -> None:
-    """Delete the topics a test session or bench run created (all named from its run id), so a
-    long-lived local broker does not pile up partitions run after run. Never fails the run."""
+    """Delete the topics a test session created (all named from its run id), so a long-lived
+    local broker does not pile up partitions run after run. Never fails the session."""
     try:
         asyncio.run(asyncio.wait_for(delete_topics_starting(bootstrap, run_id), timeout_s))
     except Exception as exc:

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams.admin import ensure_topics
 from streams.settings import Settings
+from tests.support.broker import delete_topics_starting
 from tests.support.workers import ROOT, Worker, free_port
 
 #: Fast timings for tests: attempts time out in 5 s, backoffs stay under half a second.
@@ -75,6 +76,12 @@ class Stack:
 
     def topic(self, name: str) -> str:
         return self.prefix + name.replace("{app_id}", self.env["CP_APP_ID"])
+
+    async def delete_topics(self) -> list[str]:
+        """Delete every topic of this stack (its prefix, or named from its app id)."""
+        return await delete_topics_starting(
+            self.bootstrap, self.prefix, self.env["CP_APP_ID"] + "-"
+        )
 
     def settings(self) -> Settings:
         return Settings(
