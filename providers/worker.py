@@ -54,6 +54,7 @@ from domain.messages import (
 from providers import genai
 from providers.base import Completed, Failed, Outcome, ProviderAdapter
 from providers.registry import build_adapters
+from streams.pacing import FetchPacer
 from streams.runtime import load_providers, report_providers
 from streams.settings import Settings, get_settings
 from streams.topology import MissingDispatchTopics, load_topology
@@ -391,8 +392,14 @@ class ProviderWorker:
         try:
             loop = asyncio.get_running_loop()
             committed_at = loop.time()
+            pacer = FetchPacer(
+                self.consumer,
+                idle_wait_ms=self.settings.fetch_max_wait_ms,
+                gather_ms=self.settings.fetch_gather_ms,
+            )
             while not self.stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200)
+                pacer.observe(sum(map(len, batches.values())))
                 for tp, records in batches.items():
                     for record in records:
                         if self.stopping.is_set():

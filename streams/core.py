@@ -39,6 +39,7 @@ from domain.webhooks import parse_allowed_hosts, refusal
 from streams.assignor import CopartitionedAssignor
 from streams.deadletter import dead_letter_record
 from streams.metrics import Metrics
+from streams.pacing import FetchPacer
 from streams.partition import Partition, ViewCache
 from streams.runtime import Runtime, report_providers
 from streams.settings import Settings
@@ -272,6 +273,11 @@ class JobCore:
         """
         assert self.consumer is not None
         idle_ms = int(self.settings.timer_interval_s * 1000)
+        pacer = FetchPacer(
+            self.consumer,
+            idle_wait_ms=self.settings.fetch_max_wait_ms,
+            gather_ms=self.settings.fetch_gather_ms,
+        )
         while not self.stopping:
             if self._ready_work():
                 timeout = 0
@@ -285,6 +291,7 @@ class JobCore:
                 log.exception("core poll failed", extra={"event": "core.poll_failed"})
                 await asyncio.sleep(0.5)
                 continue
+            pacer.observe(sum(map(len, batch.values())))
             async with self.lock:
                 await self._turn(batch)
 
