@@ -14,7 +14,11 @@ Rebalance: two control-plane workers take an open loop at `--rate` jobs/s; a thi
 the longest gap between two final responses in the 15 s after it (against the steady gap before
 the join), and how many jobs sent in that window took longer than 1 s, with the slowest.
 
+With `KAFKA_JMX_PORT` set (and the broker started with it), each row also counts the broker's
+requests per job by type (`bench.broker_requests`).
+
     .venv/bin/python -m bench.scale --no-record
+    KAFKA_JMX_PORT=9999 make kafka-up && KAFKA_JMX_PORT=9999 .venv/bin/python -m bench.scale
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import broker_requests
 from bench.listing import wait_ready
 from bench.report import pct_ms
 from bench.scenarios import OpenLoop, burst, open_loop
@@ -69,6 +74,8 @@ class Scale:
     seen: int
     #: Produce to final response, for `--steady` rows (a burst's latency is its queue).
     latency_ms: tuple[float, float] | None = None
+    #: The broker's requests per job by type (with KAFKA_JMX_PORT).
+    broker_requests: dict[str, float] | None = None
 
     @property
     def providers_ms(self) -> float:
@@ -132,6 +139,8 @@ def scale(
         asyncio.run(burst(stack, label="warmup", jobs=100, prompt_bytes=200, timeout_s=120))
         pids = [pid_of(w) for w in cps]
         others = [*(pid_of(w) for w in providers), broker_pid(bootstrap)]
+        port = broker_requests.jmx_port()
+        requests_before = broker_requests.snapshot(port) if port else None
         before = [cpu_s(p) for p in pids + others]
         txns_before = sum(transactions(w) for w in cps)
         if steady:
@@ -147,6 +156,11 @@ def scale(
             latency = None
         after = [cpu_s(p) for p in pids + others]
         txns = sum(transactions(w) for w in cps) - txns_before
+        requests = (
+            broker_requests.per_job(requests_before, broker_requests.snapshot(port), seen)
+            if port and requests_before is not None
+            else None
+        )
     finally:
         stack.stop()
         asyncio.run(cleanup(stack))
@@ -164,6 +178,7 @@ def scale(
         duplicates=duplicates,
         seen=seen,
         latency_ms=latency,
+        broker_requests=requests,
     )
 
 
@@ -310,6 +325,13 @@ def main() -> None:
         "core | transactions per job | duplicate finals | latency p50 / p99 ms |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(row.row() for row in rows),
+        "",
+        *(
+            f"- broker requests per job, {row.workers}x{row.provider_workers}: "
+            + broker_requests.summary(row.broker_requests)
+            for row in rows
+            if row.broker_requests is not None
+        ),
         "",
         *churn,
         "",

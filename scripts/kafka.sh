@@ -16,6 +16,8 @@ SCALA_VERSION="2.13"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
+# Set to a port to let benchmarks read the broker's request counts over JMX (127.0.0.1 only).
+KAFKA_JMX_PORT="${KAFKA_JMX_PORT:-}"
 CACHE="${CP_CACHE_DIR:-$ROOT/.cache}/kafka/$KAFKA_VERSION"
 STATE="${CP_VAR_DIR:-$ROOT/var}"
 RUN="$STATE/kafka-$KAFKA_PORT"
@@ -117,9 +119,17 @@ up() {
       kafka.tools.StorageTool format -t "$CLUSTER_ID" -c "$RUN/server.properties" \
       >>"$LOGFILE" 2>&1
   fi
+  local jmx=""
+  if [[ -n "$KAFKA_JMX_PORT" ]]; then
+    jmx="-Dcom.sun.management.jmxremote.port=$KAFKA_JMX_PORT"
+    jmx+=" -Dcom.sun.management.jmxremote.rmi.port=$KAFKA_JMX_PORT"
+    jmx+=" -Dcom.sun.management.jmxremote.host=127.0.0.1 -Djava.rmi.server.hostname=127.0.0.1"
+    jmx+=" -Dcom.sun.management.jmxremote.authenticate=false -Dcom.sun.management.jmxremote.ssl=false"
+    log "JMX on 127.0.0.1:$KAFKA_JMX_PORT"
+  fi
   log "starting on 127.0.0.1:$KAFKA_PORT (log: $LOGFILE)"
   # shellcheck disable=SC2086
-  nohup java $KAFKA_HEAP_OPTS -XX:+UseG1GC -Djava.awt.headless=true \
+  nohup java $KAFKA_HEAP_OPTS $jmx -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$ROOT/scripts/kafka-log4j2.yaml" \
     -cp "$cp" kafka.Kafka "$RUN/server.properties" >>"$LOGFILE" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
