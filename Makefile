@@ -60,8 +60,8 @@ system-deps: ## Install kcat, prometheus, chromium and wrk for the tests and ben
 
 bench: $(STAMP) system-deps kafka-up ## Measure throughput, latency, memory, listing and read cost, scale-out, partition cost; append to bench/results.md
 	$(PY) -m bench.throughput
-	$(PY) -m bench.listing $(LIST_ARGS)
 	$(PY) -m bench.reads $(READS_ARGS)
+	$(PY) -m bench.listing $(LIST_ARGS)
 	$(PY) -m bench.scale $(SCALE_ARGS)
 	$(PY) -m bench.partitions $(PARTITIONS_ARGS)
 
