@@ -392,11 +392,7 @@ class ProviderWorker:
         try:
             loop = asyncio.get_running_loop()
             committed_at = loop.time()
-            pacer = FetchPacer(
-                self.consumer,
-                idle_wait_ms=self.settings.fetch_max_wait_ms,
-                gather_ms=self.settings.fetch_gather_ms,
-            )
+            pacer = FetchPacer.of(self.consumer, self.settings)
             while not self.stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200)
                 pacer.observe(sum(map(len, batches.values())))

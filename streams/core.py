@@ -273,11 +273,7 @@ class JobCore:
         """
         assert self.consumer is not None
         idle_ms = int(self.settings.timer_interval_s * 1000)
-        pacer = FetchPacer(
-            self.consumer,
-            idle_wait_ms=self.settings.fetch_max_wait_ms,
-            gather_ms=self.settings.fetch_gather_ms,
-        )
+        pacer = FetchPacer.of(self.consumer, self.settings)
         while not self.stopping:
             if self._ready_work():
                 timeout = 0

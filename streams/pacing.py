@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from streams.settings import Settings
+
 #: How often the rate is measured and the fetch settings chosen (seconds).
 WINDOW_S = 0.5
 #: A gathering fetch answers at once when this much is waiting (more than any gather window
@@ -47,6 +49,14 @@ class FetchPacer:
         self.since = clock()
         self.records = 0
         self.gathering = False
+
+    @classmethod
+    def of(cls, consumer: Any, settings: Settings) -> FetchPacer:
+        """The pacer of a consumer that waits `CP_FETCH_MAX_WAIT_MS` idle and gathers for
+        `CP_FETCH_GATHER_MS` (the job core's and the provider worker's)."""
+        return cls(
+            consumer, idle_wait_ms=settings.fetch_max_wait_ms, gather_ms=settings.fetch_gather_ms
+        )
 
     def observe(self, records: int) -> None:
         """Count what a poll brought; every WINDOW_S, choose how the next fetches wait."""

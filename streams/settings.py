@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     #: before it answers (0: answer with the first record). Each hop of a job waits up to this
     #: much more, and in return a step's fixed costs (fetch, wake-up, transaction) are shared;
     #: a quiet consumer keeps answering at once (`streams.pacing`). At 150 jobs/s, 40 ms cut
-    #: the CPU per job by ~35% at the same latency (bench/results.md, "Fetch gathering").
+    #: the CPU per job by ~40% at the same latency (bench/results.md, "the gather A/B").
     fetch_gather_ms: int = Field(default=40, ge=0, le=1000)
     #: Longest the job core applies records before it lets the event loop serve HTTP (ms).
     core_turn_slice_ms: float = 2

@@ -91,3 +91,8 @@ def test_setting_default_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CP_FETCH_GATHER_MS", "-1")
     with pytest.raises(ValueError, match="fetch_gather_ms"):
         Settings()
+
+
+def test_the_workers_pacer_takes_both_waits_from_the_settings() -> None:
+    pacer = FetchPacer.of(consumer(), Settings(fetch_max_wait_ms=250, fetch_gather_ms=60))
+    assert (pacer.idle_wait_ms, pacer.gather_ms) == (250, 60)
