@@ -27,7 +27,7 @@ from bench.listing import wait_ready
 from bench.report import pct_ms
 from bench.scale import cpu_s, new, pid_of
 from bench.scenarios import burst, open_loop
-from bench.throughput import RESULTS, cleanup, git_commit
+from bench.throughput import RESULTS, git_commit
 from tests.support.broker import kafka_broker
 from tests.support.workers import free_port
 
@@ -85,7 +85,7 @@ def measure(bootstrap: str, tmp: Path, wait_ms: int, args: argparse.Namespace) -
         run.burst_cp_ms_per_job = (cpu_s(pid_of(cp)) - cp_before) * 1000 / max(1, result.seen)
     finally:
         stack.stop()
-        asyncio.run(cleanup(stack))
+        asyncio.run(stack.delete_topics())
     return run
 
 

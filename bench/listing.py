@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.clients import Tail
 from bench.scenarios import Finals, job_request
-from bench.throughput import RESULTS, cleanup, git_commit, rss_mib
+from bench.throughput import RESULTS, git_commit, rss_mib
 from tests.support.broker import kafka_broker
 from tests.support.stack import new_stack
 from tests.support.workers import free_port, http_get
@@ -168,7 +168,7 @@ def main() -> None:
             rss = [rss_mib(w.process.pid if w.process else None) for w in workers]
         finally:
             stack.stop()
-            asyncio.run(cleanup(stack))
+            asyncio.run(stack.delete_topics())
     lines = [
         f"## Listing cost, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.listing`)",
         "",

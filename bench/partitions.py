@@ -32,7 +32,7 @@ import yaml
 
 from bench.listing import KEY, TENANT, fill, wait_ready
 from bench.scenarios import restored_lines
-from bench.throughput import RESULTS, cleanup, git_commit, rss_mib
+from bench.throughput import RESULTS, git_commit, rss_mib
 from domain.ids import job_id_for
 from streams.core import partition_for
 from tests.support.broker import kafka_broker
@@ -83,7 +83,7 @@ def per_partition(bootstrap: str, tmp: Path, partitions: int) -> str:
         rss, files = rss_mib(pid_of(cp)), fds(pid_of(cp))
     finally:
         stack.stop()
-        asyncio.run(cleanup(stack))
+        asyncio.run(stack.delete_topics())
     print(f"  {partitions} partitions: RSS {rss} MiB, {files} fds, ready in {ready:.1f} s")
     return f"| {partitions} | {rss:.0f} | {files} | {ready:.1f} |"
 
@@ -147,7 +147,7 @@ def repartition(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str
         )
     finally:
         stack.stop()
-        asyncio.run(cleanup(stack))
+        asyncio.run(stack.delete_topics())
     pause = stop_s + command_s + ready_s
     per_m = tool_s / max(1, args.jobs) * 1e6
     return [

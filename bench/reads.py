@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from bench.clients import Tail
 from bench.listing import KEY, TENANT, fill, wait_ready
 from bench.scenarios import Finals, burst, job_request
-from bench.throughput import RESULTS, cleanup, git_commit
+from bench.throughput import RESULTS, git_commit
 from domain.ids import job_id_for
 from streams.core import partition_for
 from tests.support.broker import kafka_broker
@@ -282,7 +282,7 @@ def main() -> None:
             rate, rows = asyncio.run(measure(stack, owner, other, ids, args))
         finally:
             stack.stop()
-            asyncio.run(cleanup(stack))
+            asyncio.run(stack.delete_topics())
     lines = [
         f"## Reads, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.reads`)",
         "",

@@ -38,7 +38,7 @@ from bench import broker_requests
 from bench.listing import wait_ready
 from bench.report import pct_ms
 from bench.scenarios import OpenLoop, burst, open_loop
-from bench.throughput import RESULTS, broker_pid, cleanup, git_commit
+from bench.throughput import RESULTS, broker_pid, git_commit
 from tests.support.broker import kafka_broker
 from tests.support.stack import Stack, new_stack
 from tests.support.workers import Worker, free_port, http_get
@@ -163,7 +163,7 @@ def scale(
         )
     finally:
         stack.stop()
-        asyncio.run(cleanup(stack))
+        asyncio.run(stack.delete_topics())
     used = [(b - a) * 1000 / max(1, seen) for a, b in zip(before, after, strict=True)]
     return Scale(
         workers=workers,
@@ -236,7 +236,7 @@ def rebalance(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
         loop, events = asyncio.run(_churn(stack, args))
     finally:
         stack.stop()
-        asyncio.run(cleanup(stack))
+        asyncio.run(stack.delete_topics())
     finals = sorted(s + lat for s, lat in zip(loop.sent_at, loop.latencies, strict=True))
     steady = [t for t in finals if 1.0 <= t <= events[0].at]
     steady_gap = max((b - a for a, b in itertools.pairwise(steady)), default=0.0)

@@ -94,11 +94,6 @@ def counted_topics() -> list[str]:
     ]
 
 
-async def cleanup(stack: Stack) -> list[str]:
-    """Delete every topic of this run (its prefix, or named from its app id)."""
-    return await stack.delete_topics()
-
-
 def measure(stack: Stack, args: argparse.Namespace, run: Run, tmp: Path) -> None:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - began:6.1f}s] {text}", flush=True)
@@ -217,7 +212,7 @@ def main() -> None:
             measure(stack, args, run, Path(tmp))
         finally:
             stack.stop()
-            asyncio.run(cleanup(stack))
+            asyncio.run(stack.delete_topics())
     run.seconds = time.monotonic() - began
     text = render(run)
     print("\n" + text)
