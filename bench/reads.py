@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.clients import Tail
 from bench.listing import KEY, TENANT, fill, wait_ready
+from bench.scale import add_env_argument
 from bench.scenarios import Finals, burst, job_request
 from bench.throughput import RESULTS, git_commit
 from domain.ids import job_id_for
@@ -242,12 +243,10 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=0.0, help="ingest jobs/s (default: half the burst rate)"
     )
-    parser.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE", help="a worker setting"
-    )
+    add_env_argument(parser)
     parser.add_argument("--no-record", action="store_true", help="do not append to results.md")
     args = parser.parse_args()
-    extra_env = dict(item.split("=", 1) for item in args.env)
+    extra_env = dict(args.env)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed (make system-deps installs it on Debian)")
 
@@ -295,7 +294,7 @@ def main() -> None:
             else "Ingest = a lean producer at half the 200 B burst rate measured first "
             f"({rate:.0f} jobs/s). "
         )
-        + f"Worker settings: {' '.join(args.env) or 'defaults'}. "
+        + f"Worker settings: {' '.join(f'{k}={v}' for k, v in extra_env.items()) or 'defaults'}. "
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
         "| read | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | answering worker CPU ms "

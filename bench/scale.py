@@ -120,6 +120,25 @@ def pid_of(worker: Worker | None) -> int | None:
 EXTRA_ENV: dict[str, str] = {}
 
 
+def _setting(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
+    return name, value
+
+
+def add_env_argument(parser: argparse.ArgumentParser) -> None:
+    """`--env NAME=VALUE`, repeatable: a setting for every worker; `args.env` is the pairs."""
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="NAME=VALUE",
+        help="a worker setting",
+    )
+
+
 def new(bootstrap: str, tmp: Path, name: str) -> Stack:
     stack = new_stack(bootstrap, "s" + uuid.uuid4().hex[:8], name, tmp / name)
     stack.env["CP_LOG_LEVEL"] = "WARNING"
@@ -276,13 +295,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop jobs/s (100)")
     parser.add_argument("--join-at", type=float, default=10.0)
     parser.add_argument("--leave-at", type=float, default=30.0)
-    parser.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE", help="a worker setting"
-    )
+    add_env_argument(parser)
     parser.add_argument("--no-churn", action="store_true", help="skip the join/leave run")
     parser.add_argument("--no-record", action="store_true", help="do not append to results.md")
     args = parser.parse_args()
-    EXTRA_ENV.update(item.split("=", 1) for item in args.env)
+    EXTRA_ENV.update(args.env)
 
     began = time.monotonic()
     rows: list[Scale] = []
