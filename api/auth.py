@@ -47,7 +47,7 @@ class KeyRing:
         return None
 
 
-def authenticate(ring: KeyRing, request: web.Request) -> str:
+def authenticate(ring: KeyRing, request: web.BaseRequest) -> str:
     """Return the caller's tenant or raise 401; a key is only ever read from the header."""
     header = request.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")

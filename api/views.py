@@ -39,6 +39,7 @@ from domain.messages import JobRequest, TraceContext
 from streams.app import app, core, runtime, settings
 from streams.commands import send_command
 from streams.core import CoreNotReady
+from streams.partition import Partition
 from streams.tracing import from_headers, span, to_headers
 from tables.exceptions import StateCorrupted
 from tables.jobs import RetiredJob
@@ -113,15 +114,37 @@ def status_view(job_id: str, tenant: str) -> tuple[bytes, bytes]:
         raise unavailable("this job's partition is being restored or moved") from None
     view: tuple[str, bytes, bytes] | None = part.views.get(job_id)
     if view is None:
-        job = load(job_id, tenant)
-        body = status_body(job)
-        body["links"]["timeline_signed"] = _LINK_SLOT
-        head, tail = orjson.dumps(body).split(_LINK_SLOT_JSON, 1)
-        view = (job.tenant_id, head, tail)
-        part.views.put(job_id, view)
+        view = _render(part, load(job_id, tenant))
     elif view[0] != tenant:
         load(job_id, tenant)  # another tenant's job: 404 (or 410), exactly as a missing one
     return view[1], view[2]
+
+
+def _render(part: Partition, job: Job) -> tuple[str, bytes, bytes]:
+    body = status_body(job)
+    body["links"]["timeline_signed"] = _LINK_SLOT
+    head, tail = orjson.dumps(body).split(_LINK_SLOT_JSON, 1)
+    view = (job.tenant_id, head, tail)
+    part.views.put(job.job_id, view)
+    return view
+
+
+def held_view(job_id: str) -> tuple[str, bytes, bytes] | None:
+    """(tenant, head, tail) of a job this worker holds and can answer for now, else None: what a
+    reader process may serve (`api.readhub`); anything else it forwards to this worker."""
+    if not_serving() is not None or not core.serves(job_id):
+        return None
+    try:
+        part = core.held(job_id)
+        view: tuple[str, bytes, bytes] | None = part.views.get(job_id)
+        if view is None:
+            job = part.job(job_id)
+            if job is None:
+                return None
+            view = _render(part, job)
+    except (CoreNotReady, StateCorrupted):
+        return None
+    return view
 
 
 def status_response(job_id: str, tenant: str) -> web.Response:

@@ -101,11 +101,16 @@ class CoreService(Service):
         gc.set_threshold(*GC_THRESHOLDS)
         # Routing starts with the cluster's provider health, not an empty one.
         await health_feed.start()
+        if readhub is not None:
+            core.view_listener = readhub
+            await readhub.start()
         await core.start()
         assert core.task is not None
         core.task.add_done_callback(self._core_ended)
 
     async def on_stop(self) -> None:
+        if readhub is not None:
+            await readhub.stop()
         await core.stop()
         await health_feed.stop()
 
@@ -120,3 +125,7 @@ class CoreService(Service):
 
 # Register the web views on the app (autodiscovery is off: explicit is faster).
 from api import openai_front, views  # noqa: E402, F401
+from api.readhub import ReadHub  # noqa: E402
+
+#: The reader processes' hub, when a read port is set (`CP_READ_PORT`).
+readhub = ReadHub(settings, views.held_view) if settings.read_port else None

@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -172,6 +172,8 @@ class JobCore:
         self.loading: asyncio.Future[None] | None = None
         self.stopping = False
         self.crashed: BaseException | None = None
+        #: Told of every job whose state changes and of every partition that leaves (`api.readhub`).
+        self.view_listener: ViewListener | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -970,10 +972,16 @@ class JobCore:
         if self.consumer is not None and not self.stopping:
             self.consumer._coordinator.request_rejoin()
 
+    def _view_changed(self, job_id: str) -> None:
+        if self.view_listener is not None:
+            self.view_listener.changed(job_id)
+
     async def _drop(self, number: int) -> None:
         part = self.parts.pop(number, None)
         if part is not None:
             part.close()
+            if self.view_listener is not None:
+                self.view_listener.reset()
         # Long-polls of its jobs look again now: the partition is no longer answered here.
         for job_id in [j for j in self.waiters if self.partition_of(j) == number]:
             self.waiters.pop(job_id).set()
@@ -1071,6 +1079,8 @@ class JobCore:
             for (number, twin), producer in producers.items():
                 (self.twins if twin else self.txns)[number] = Transaction(number, producer)
             self.parts.update(parts)
+            for part in parts.values():
+                part.views.changed = self._view_changed
             for tp, offset in committed.items():
                 await self._seek(tp, offset)
                 if tp.topic == self.results_topic:
@@ -1122,6 +1132,13 @@ def changelog_reader(settings: Settings) -> AIOKafkaConsumer:
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=32 * 1024 * 1024,
     )
+
+
+class ViewListener(Protocol):
+    """Who else keeps status views of this worker's jobs (the reader processes)."""
+
+    def changed(self, job_id: str) -> None: ...
+    def reset(self) -> None: ...
 
 
 async def restore(

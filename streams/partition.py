@@ -9,7 +9,7 @@ the timers from record headers, without decoding a single job.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -48,6 +48,8 @@ class ViewCache:
 
     capacity: int = 4096
     entries: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+    #: Told of every job whose state changed, cached here or not (the reader processes' views).
+    changed: Callable[[str], None] | None = None
 
     def get(self, job_id: str) -> Any:
         entry = self.entries.get(job_id)
@@ -62,7 +64,10 @@ class ViewCache:
             self.entries.popitem(last=False)
 
     def drop(self, job_id: str) -> None:
+        """The job's state changed: forget what it rendered to."""
         self.entries.pop(job_id, None)
+        if self.changed is not None:
+            self.changed(job_id)
 
 
 @dataclass

@@ -49,6 +49,8 @@ class RebalanceStack:
     stack: Stack
     cp1: Worker
     cp2_port: int
+    #: cp-1's read port (`CP_READ_PORT`): its readers must answer through the churn as cp-1 does.
+    read1: str = ""
 
     @property
     def cp2_url(self) -> str:
@@ -69,8 +71,11 @@ def rebal(
     stack.env["CP_API_KEYS"] = "key-a=tenant-a"
     try:
         stack.start_providers()
-        cp1 = stack.start_cp("cp-1", free_port())
-        yield RebalanceStack(stack=stack, cp1=cp1, cp2_port=free_port())
+        read_port = free_port()
+        cp1 = stack.start_cp("cp-1", free_port(), env={"CP_READ_PORT": str(read_port)})
+        yield RebalanceStack(
+            stack=stack, cp1=cp1, cp2_port=free_port(), read1=f"http://127.0.0.1:{read_port}"
+        )
     finally:
         stack.stop()
 
@@ -232,6 +237,9 @@ async def test_get_during_rebalance_is_200_or_503_never_404(
         churn.mark("cp-1 alone")
         pollers = [
             asyncio.create_task(poll(http, churn, "cp-1", rebal.cp1.url, job_ids, lambda: True)),
+            asyncio.create_task(
+                poll(http, churn, "cp-1 read port", rebal.read1, job_ids, lambda: True)
+            ),
             asyncio.create_task(poll_cp2(http, churn, rebal.cp2_url, job_ids)),
         ]
         cp2: Worker | None = None
@@ -303,8 +311,9 @@ async def test_get_during_rebalance_is_200_or_503_never_404(
     assert churn.cp2_up, "cp-2 never answered /healthz"
     assert by_worker[("cp-2", 200)] > 0, f"cp-2 never served a 200 while in the group: {summary}"
     assert by_worker[("cp-1", 200)] > 0, summary
-    # cp-1 is up throughout: every request to it gets an answer.
-    silent = {k: n for k, n in churn.no_answer.items() if k[0] == "cp-1"}
+    assert by_worker[("cp-1 read port", 200)] > 0, summary
+    # cp-1 and its readers are up throughout: every request to them gets an answer.
+    silent = {k: n for k, n in churn.no_answer.items() if k[0] != "cp-2"}
     assert not silent, f"cp-1 did not answer: {silent}"
 
 

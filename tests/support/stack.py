@@ -97,10 +97,13 @@ class Stack:
         report = asyncio.run(ensure_topics(self.settings()))
         assert not report.errors, report.errors
 
-    def start_cp(self, name: str = "cp-1", port: int | None = None) -> Worker:
+    def start_cp(
+        self, name: str = "cp-1", port: int | None = None, env: dict[str, str] | None = None
+    ) -> Worker:
+        """Start a control-plane worker with the stack's environment, and `env` over it."""
         worker = Worker.faust(
             "streams.app",
-            env=self.env,
+            env={**self.env, **(env or {})},
             data_dir=self.root / "data" / name,
             web_port=port or free_port(),
             log_path=self.root / "logs" / f"{name}.log",

@@ -1,0 +1,233 @@
+"""A reader process: `GET /jobs/{id}` of its worker's jobs on the read port (`CP_READ_PORT`).
+
+Started by its worker (`api.readhub`), never by hand. It answers a read from the job's status view,
+asked of the worker once per state of the job and kept until the worker says the job changed, so a
+read costs the worker nothing and does not wait for the job core's steps. Everything else is
+forwarded to the worker and answered as the worker answers it: another tenant's job or a missing
+one, a job of another worker's partition, `?wait=` long-polls, and every other route. So is every
+read while the worker has not been heard from for `LEASE_S` (stopped, paused, or gone): the reader
+never answers from what it last knew of a worker that may have lost its partitions meanwhile.
+
+It exits when its worker's connection ends; the worker starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import orjson
+import uvloop
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from yarl import URL
+
+from api.auth import KeyRing, authenticate
+from api.links import LinkSigner
+from api.problems import Problem, unavailable
+from api.readframes import frame, read_frame
+from streams.logs import configure_logging
+from streams.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+#: Serve views only while the worker was heard from this recently (it says so every 0.5 s).
+LEASE_S = 2.0
+#: How long a read waits for the worker's answer to a view request before forwarding.
+ASK_TIMEOUT_S = 1.0
+CONNECT_WITHIN_S = 60.0
+FORWARD_TIMEOUT_S = 65.0
+_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
+_NOT_RELAYED = _HOP | {"date", "server"}
+
+View = tuple[str, bytes, bytes]
+#: Marks an answer the reader relayed from its worker (RFC 9110 `Via`); one it served has none.
+VIA = "1.1 cp-reader"
+
+
+class Views:
+    """The status views this reader holds, kept current by its worker's frames."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: dict[str, View] = {}
+        self.asked: dict[str, asyncio.Future[View | None]] = {}
+        self.heard = float("-inf")
+        self.writer: asyncio.StreamWriter | None = None
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self.heard < LEASE_S
+
+    def apply(self, items: list[Any]) -> None:
+        """One frame from the worker (`api.readframes`)."""
+        self.heard = time.monotonic()
+        kind = items[0]
+        if kind == "d":
+            for job_id in items[1]:
+                self.entries.pop(job_id, None)
+        elif kind == "r":
+            self.entries.clear()
+        elif kind == "v":
+            job_id, tenant = items[1], items[2]
+            view = None if tenant is None else (tenant, items[3].encode(), items[4].encode())
+            if view is not None:
+                # Kept as the frame is read: a change after this view comes in a later frame.
+                self.entries[job_id] = view
+                if len(self.entries) > self.capacity:
+                    del self.entries[next(iter(self.entries))]
+            waiting = self.asked.pop(job_id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(view)
+        elif kind != "a":
+            raise ValueError(f"unexpected frame from the worker: {items!r:.200}")
+
+    async def ask(self, job_id: str) -> View | None:
+        """The job's view from the worker, or None when it cannot answer for the job now."""
+        waiting = self.asked.get(job_id)
+        if waiting is None:
+            if self.writer is None:
+                return None
+            waiting = asyncio.get_running_loop().create_future()
+            self.asked[job_id] = waiting
+            self.writer.write(frame("v", job_id))
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), ASK_TIMEOUT_S)
+        except TimeoutError:
+            if self.asked.get(job_id) is waiting:
+                del self.asked[job_id]
+            return None
+
+    async def listen(self, stream: asyncio.StreamReader) -> None:
+        while (items := await read_frame(stream)) is not None:
+            self.apply(items)
+
+
+class Reader:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keyring = KeyRing.from_settings(settings)
+        self.signer = LinkSigner.from_settings(settings)
+        self.views = Views(max(1024, settings.status_views))
+        self.worker = URL(settings.local_url)
+        self.http: ClientSession | None = None
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request on the read port (aiohttp's low-level server: no router or middleware,
+        a third less CPU per read)."""
+        try:
+            path = request.path
+            if (
+                request.method == "GET"
+                and path.startswith("/jobs/")
+                and "/" not in path[6:]
+                and path != "/jobs/"
+                and not request.query_string
+                and self.views.fresh()
+            ):
+                return await self.job_status(request, path[6:])
+            return await self.forward(request)
+        except Problem as problem:
+            return problem.response()
+        except Exception:
+            log.exception("read failed", extra={"event": "reader.error", "path": request.path})
+            return Problem(500, "internal", "Internal error", "the reader failed").response()
+
+    async def job_status(self, request: web.BaseRequest, job_id: str) -> web.StreamResponse:
+        tenant = authenticate(self.keyring, request)
+        view = self.views.entries.get(job_id) or await self.views.ask(job_id)
+        if view is None or view[0] != tenant:
+            return await self.forward(request)
+        link = orjson.dumps(self.signer.timeline_link(job_id, tenant, time.time()))
+        return web.Response(body=view[1] + link + view[2], content_type="application/json")
+
+    async def forward(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Relay the request to the worker and its answer back, streamed as it comes."""
+        assert self.http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        body = await request.read()
+        try:
+            async with self.http.request(
+                request.method,
+                self.worker.join(request.rel_url),
+                headers=headers,
+                data=body or None,
+                timeout=ClientTimeout(total=FORWARD_TIMEOUT_S),
+                allow_redirects=False,
+            ) as answer:
+                response = web.StreamResponse(status=answer.status, reason=answer.reason)
+                for name, value in answer.headers.items():
+                    if name.lower() not in _NOT_RELAYED:
+                        response.headers.add(name, value)
+                response.headers.add("Via", VIA)
+                if answer.content_length is not None:
+                    response.content_length = answer.content_length
+                await response.prepare(request)
+                async for chunk in answer.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (ClientError, TimeoutError) as exc:
+            raise unavailable(f"the worker did not answer: {exc.__class__.__name__}") from None
+
+    async def connect(self) -> asyncio.StreamReader:
+        """Connect to the worker's socket, waiting for it to open (a worker starting up)."""
+        parent = os.getppid()
+        deadline = time.monotonic() + CONNECT_WITHIN_S
+        while True:
+            try:
+                stream, self.views.writer = await asyncio.open_unix_connection(
+                    self.settings.read_socket
+                )
+                return stream
+            except (FileNotFoundError, ConnectionRefusedError):
+                if os.getppid() != parent or time.monotonic() > deadline:
+                    raise SystemExit("the worker's read socket never opened") from None
+                await asyncio.sleep(0.2)
+
+    async def run(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stream = await self.connect()
+        self.http = ClientSession(connector=TCPConnector(limit=256), auto_decompress=False)
+        runner = web.ServerRunner(web.Server(self.handle), handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.web_host, self.settings.read_port, reuse_port=True)
+        await site.start()
+        log.info(
+            "reader serving",
+            extra={"event": "reader.started", "port": self.settings.read_port, "pid": os.getpid()},
+        )
+        listening = asyncio.create_task(self.views.listen(stream))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if listening in done and listening.exception() is not None:
+                log.error(
+                    "worker connection failed",
+                    extra={"event": "reader.failed", "error": repr(listening.exception())},
+                )
+        finally:
+            listening.cancel()
+            stopping.cancel()
+            await runner.cleanup()
+            await self.http.close()
+            if self.views.writer is not None:
+                self.views.writer.transport.abort()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings)
+    if not settings.read_port:
+        raise SystemExit("CP_READ_PORT is not set: a reader has no port to serve")
+    # uvloop: a read costs about a tenth less CPU than on asyncio's own loop
+    uvloop.run(Reader(settings).run())
+
+
+if __name__ == "__main__":
+    main()

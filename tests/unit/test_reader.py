@@ -1,0 +1,225 @@
+"""A reader process (`api.reader`) against a stand-in worker: its hub socket and its web port.
+
+No broker: the stand-in hub answers view requests from a dict and sends the frames a worker sends
+(`api.readframes`), so each rule of the reader is checked on its own: it serves a view it was
+given, asks again after the job changed, forwards what it cannot serve (marked `Via`), stops
+serving when the worker goes quiet, and exits when the worker's connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from api.links import LinkSigner
+from api.reader import LEASE_S, VIA, Views
+from api.readframes import MAX_FRAME, frame, read_frame
+from streams.settings import Settings
+from tests.support.workers import free_port
+
+KEY, TENANT = "key-r", "tenant-r"
+
+
+def view_of(job_id: str, state: str) -> tuple[str, str, str]:
+    """A status view split where the signed link goes, as the worker renders it."""
+    head = orjson.dumps({"job_id": job_id, "state": state})[:-1] + b',"timeline_signed":'
+    return TENANT, head.decode(), "}"
+
+
+@dataclass
+class Hub:
+    """Stands in for the worker's side of the socket (`api.readhub`)."""
+
+    views: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        self.connected.set()
+        while (items := await read_frame(stream)) is not None:
+            self.asked.append(items[1])
+            view = self.views.get(items[1])
+            writer.write(frame("v", items[1], *(view or (None,))))
+
+    def send(self, *items: object) -> None:
+        for writer in self.writers:
+            writer.write(frame(*items))
+
+
+@dataclass
+class Rig:
+    hub: Hub
+    url: str
+    process: asyncio.subprocess.Process
+    forwarded: list[str]
+    beating: asyncio.Task[None]
+
+
+async def _beat(hub: Hub) -> None:
+    while True:
+        hub.send("a")
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    hub = Hub()
+    server = await asyncio.start_unix_server(hub.serve, path=tmp_path / "read.sock")
+    forwarded: list[str] = []
+
+    async def worker_answer(request: web.Request) -> web.Response:
+        forwarded.append(request.path_qs)
+        return web.json_response({"from": "worker", "path": request.path_qs}, status=404)
+
+    worker = web.Application()
+    worker.router.add_route("*", "/{tail:.*}", worker_answer)
+    runner = web.AppRunner(worker)
+    await runner.setup()
+    web_port, read_port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", web_port).start()
+    env = {
+        **os.environ,
+        "CP_DATA_DIR": str(tmp_path),
+        "CP_WEB_PORT": str(web_port),
+        "CP_READ_PORT": str(read_port),
+        "CP_API_KEYS": f"{KEY}={TENANT}",
+        "CP_LOG_FORMAT": "console",
+    }
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "api.reader", env=env)
+    await asyncio.wait_for(hub.connected.wait(), 30)
+    beating = asyncio.create_task(_beat(hub))
+    url = f"http://127.0.0.1:{read_port}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            try:
+                async with http.get(url + "/jobs/x"):
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+    try:
+        yield Rig(hub, url, process, forwarded, beating)
+    finally:
+        beating.cancel()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for writer in hub.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        await runner.cleanup()
+
+
+async def read(url: str, key: str = KEY) -> tuple[int, bytes, str | None]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, headers={"Authorization": f"Bearer {key}"}) as response,
+    ):
+        return response.status, await response.read(), response.headers.get("Via")
+
+
+async def test_serves_the_view_it_was_given_and_asks_again_after_a_change(rig: Rig) -> None:
+    rig.hub.views["job-1"] = view_of("job-1", "STARTED")
+    for _ in range(3):
+        status, body, via = await read(rig.url + "/jobs/job-1")
+        assert (status, via) == (200, None)
+        assert orjson.loads(body)["state"] == "STARTED"
+    assert rig.hub.asked == ["job-1"]  # asked once, then served from the view it keeps
+    link = orjson.loads(body)["timeline_signed"]
+    exp = int(link.split("exp=")[1].split("&")[0])
+    signer = LinkSigner.from_settings(Settings(api_keys=f"{KEY}={TENANT}"))
+    signer.verify("job-1", TENANT, str(exp), link.split("sig=")[1], exp - 1)
+
+    rig.hub.views["job-1"] = view_of("job-1", "COMPLETED")
+    rig.hub.send("d", ["job-1"])
+    await asyncio.sleep(0.2)
+    status, body, via = await read(rig.url + "/jobs/job-1")
+    assert orjson.loads(body)["state"] == "COMPLETED"
+    assert rig.hub.asked == ["job-1", "job-1"]
+    assert rig.forwarded == []
+
+
+async def test_a_reset_forgets_every_view(rig: Rig) -> None:
+    rig.hub.views["job-2"] = view_of("job-2", "ROUTED")
+    await read(rig.url + "/jobs/job-2")
+    rig.hub.send("r")
+    await asyncio.sleep(0.2)
+    await read(rig.url + "/jobs/job-2")
+    assert rig.hub.asked == ["job-2", "job-2"]
+
+
+async def test_forwards_what_it_cannot_serve(rig: Rig) -> None:
+    rig.hub.views["job-3"] = view_of("job-3", "COMPLETED")
+    # not this worker's job, another tenant's, a long-poll, no key, another route
+    for path, key in [
+        ("/jobs/elsewhere", KEY),
+        ("/jobs/job-3", "key-unknown"),
+        ("/jobs/job-3?wait=5", KEY),
+        ("/jobs/job-3/timeline", KEY),
+    ]:
+        status, body, via = await read(rig.url + path, key)
+        if key == "key-unknown":
+            assert status == 401 and via is None  # refused by the reader itself
+            continue
+        assert (status, via) == (404, VIA)
+        assert orjson.loads(body) == {"from": "worker", "path": path}
+    assert rig.forwarded == ["/jobs/elsewhere", "/jobs/job-3?wait=5", "/jobs/job-3/timeline"]
+
+
+async def test_a_quiet_worker_is_not_answered_for(rig: Rig) -> None:
+    rig.hub.views["job-4"] = view_of("job-4", "STARTED")
+    assert (await read(rig.url + "/jobs/job-4"))[2] is None
+    rig.beating.cancel()  # the worker paused: no frames
+    await asyncio.sleep(LEASE_S + 0.3)
+    status, _, via = await read(rig.url + "/jobs/job-4")
+    assert (status, via) == (404, VIA)
+    assert rig.forwarded == ["/jobs/job-4"]
+
+
+async def test_exits_when_the_worker_connection_ends(rig: Rig) -> None:
+    for writer in rig.hub.writers:
+        writer.close()
+        await writer.wait_closed()
+    assert await asyncio.wait_for(rig.process.wait(), 10) == 0
+
+
+def test_views_follow_the_frames_in_order() -> None:
+    views = Views(capacity=2)
+    views.apply(["v", "a", TENANT, "{", "}"])
+    views.apply(["d", ["a"]])
+    assert views.entries == {}
+    views.apply(["v", "a", TENANT, "{", "}"])
+    views.apply(["v", "b", TENANT, "{", "}"])
+    views.apply(["v", "c", TENANT, "{", "}"])
+    assert list(views.entries) == ["b", "c"]  # the oldest left
+    views.apply(["v", "d", None])
+    assert "d" not in views.entries
+    with pytest.raises(ValueError, match="unexpected frame"):
+        views.apply(["x"])
+
+
+async def test_frames_round_trip_and_refuse_garbage() -> None:
+    stream = asyncio.StreamReader()
+    stream.feed_data(frame("d", ["a", "b"]) + frame("a"))
+    stream.feed_eof()
+    assert await read_frame(stream) == ["d", ["a", "b"]]
+    assert await read_frame(stream) == ["a"]
+    assert await read_frame(stream) is None
+    big = asyncio.StreamReader()
+    big.feed_data((MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(ValueError, match="frame of"):
+        await read_frame(big)
