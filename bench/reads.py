@@ -1,15 +1,21 @@
-"""Measure `GET /jobs/{id}` under load with wrk; print and record one section.
+"""Measure `GET /jobs/{id}` under load; print and record one section.
 
-It starts its own stack (two control-plane workers splitting the partitions, and the provider
-worker), finishes `--jobs` jobs, measures the 200 B burst rate of this stack, then runs wrk
-(`--connections` connections, one thread) for `--seconds` against:
+It starts its own stack (two control-plane workers splitting the partitions, cp-1 with a read port
+and `--readers` reader processes, and the provider worker), finishes `--jobs` jobs, measures the
+200 B burst rate of this stack, then reads cp-1's jobs for `--seconds` per row:
 
-- the owning worker, idle;
-- the owning worker while jobs are ingested at half the measured burst rate (open loop);
-- the non-owning worker, asked for the same jobs while ingesting (each read forwarded to the owner).
+- with wrk (closed loop, `--connections` connections, one thread): the most a server answers;
+  its latency there is connections / throughput (32 connections at 5,000 req/s: 6.4 ms);
+- with bench/OpenLoop.java at `--offered` req/s on a fixed schedule: the latency at that rate,
+  each request timed from when it was due;
 
-Each row reports wrk's requests/s and latency percentiles, the CPU-seconds the answering
-control-plane worker used per 1,000 reads, and, while ingesting, the rate achieved.
+against the owning worker's own port, idle and while jobs are ingested at half the measured burst
+rate (a lean producer, open loop); the non-owning worker (each read forwarded to the owner); and
+the owner's read port (`CP_READ_PORT`, `api.reader`).
+
+Each row reports requests/s and latency percentiles, the CPU-seconds the answering
+control-plane worker (with its reader processes) used per 1,000 reads, and, while ingesting, the
+rate achieved.
 
     .venv/bin/python -m bench.reads --no-record
 """
@@ -23,6 +29,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,19 +80,29 @@ class Reads:
     errors: int
     cpu_ms_per_1000: float
     ingest: str = ""
+    #: Open loop: the latency percentiles timed from each request's send instead of when due.
+    from_send: str = ""
 
     def row(self) -> str:
+        notes = [self.from_send, self.ingest]
         return (
             f"| {self.label} | {self.rps:,.0f} | {self.p50_ms:.2f} | {self.p90_ms:.2f} | "
             f"{self.p99_ms:.2f} | {self.p999_ms:.2f} | {self.non2xx + self.errors} | "
-            f"{self.cpu_ms_per_1000:.0f} | {self.ingest} |"
+            f"{self.cpu_ms_per_1000:.0f} | {'; '.join(filter(None, notes))} |"
         )
 
 
 def cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0
+    """utime + stime of a process and of its children (a worker's readers), in seconds."""
+    total = 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for each in [pid, *map(int, children)]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / 100.0
+    return total
 
 
 def partitions_of(worker: Worker) -> set[int]:
@@ -93,6 +110,59 @@ def partitions_of(worker: Worker) -> set[int]:
     if status != 200:
         raise SystemExit(f"{worker.url} is not ready: {body!r}")
     return set(orjson.loads(body)["partitions"])
+
+
+OPEN_LOOP = Path(__file__).with_name("OpenLoop.java")
+
+
+async def offered(
+    label: str, url: str, *, pid: int, ids: list[str], args: argparse.Namespace
+) -> Reads:
+    """`--offered` req/s on a fixed schedule (bench/OpenLoop.java): latency at that rate,
+    measured from when each request was due."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as paths:
+        paths.write("".join(f"/jobs/{i}\n" for i in ids))
+    cpu_before = cpu_s(pid)
+    process = await asyncio.create_subprocess_exec(
+        "java",
+        # C1 only and the serial collector: the generator shares the 2 cores it measures
+        "-XX:TieredStopAtLevel=1",
+        "-XX:+UseSerialGC",
+        str(OPEN_LOOP),
+        host,
+        port,
+        f"{args.offered:g}",
+        f"{args.seconds:g}",
+        str(args.connections),
+        f"Authorization: Bearer {KEY}",
+        paths.name,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await process.communicate())[0].decode()
+    cpu = cpu_s(pid) - cpu_before
+    await asyncio.to_thread(Path(paths.name).unlink)
+    sent = re.search(r"^sent (\d+)$", out, re.M)
+    rate = re.search(r"^rate ([\d.]+)$", out, re.M)
+    errors = re.search(r"^errors (\d+)$", out, re.M)
+    pct = {q: int(us) / 1000 for q, us in re.findall(r"^pct ([\d.]+) (\d+)$", out, re.M)}
+    sent_pct = {q: int(us) / 1000 for q, us in re.findall(r"^sent_pct ([\d.]+) (\d+)$", out, re.M)}
+    if sent is None or rate is None or errors is None or len(pct) < 4 or len(sent_pct) < 4:
+        raise SystemExit(f"OpenLoop.java said:\n{out}")
+    return Reads(
+        label=label,
+        rps=float(rate[1]),
+        p50_ms=pct["50.0"],
+        p90_ms=pct["90.0"],
+        p99_ms=pct["99.0"],
+        p999_ms=pct["99.9"],
+        non2xx=0,
+        errors=int(errors[1]),
+        # the warm-up second is answered by the worker too
+        cpu_ms_per_1000=cpu * 1000 / max(1, int(sent[1]) + round(args.offered)) * 1000,
+        from_send=f"from send: p50 {sent_pct['50.0']:.2f}, p99 {sent_pct['99.0']:.2f} ms",
+    )
 
 
 async def wrk(label: str, url: str, *, pid: int, ids: list[str], args: argparse.Namespace) -> Reads:
@@ -191,12 +261,13 @@ async def under_ingest(
     pid: int,
     ids: list[str],
     args: argparse.Namespace,
+    tool: Callable[..., Awaitable[Reads]] = wrk,
 ) -> Reads:
-    """wrk while jobs are ingested at `rate`; the ingest starts first and outlasts wrk."""
+    """`tool` while jobs are ingested at `rate`; the ingest starts first and outlasts it."""
     ready = asyncio.Event()
-    loading = asyncio.create_task(ingest(stack, rate, args.seconds + 4, ready))
+    loading = asyncio.create_task(ingest(stack, rate, args.seconds + 6, ready))
     await ready.wait()
-    reads = await wrk(label, url, pid=pid, ids=ids, args=args)
+    reads = await tool(label, url, pid=pid, ids=ids, args=args)
     reads.ingest = (await loading).text()
     return reads
 
@@ -211,24 +282,41 @@ async def measure(
         rate = (await burst(stack, label="rate", jobs=args.burst_jobs, prompt_bytes=200)).rate / 2
         print(f"  200 B burst: half rate {rate:.0f} jobs/s", flush=True)
     mine, theirs = owner.process.pid, other.process.pid
-    rows = [await wrk("owner, idle", owner.url, pid=mine, ids=ids, args=args)]
-    print(f"  {rows[-1].row()}", flush=True)
-    rows.append(
-        await under_ingest(stack, rate, "owner, ingesting", owner.url, pid=mine, ids=ids, args=args)
-    )
-    print(f"  {rows[-1].row()}", flush=True)
-    rows.append(
-        await under_ingest(
-            stack,
-            rate,
-            "non-owner (forwards), ingesting",
-            other.url,
-            pid=theirs,
-            ids=ids,
-            args=args,
-        )
-    )
-    print(f"  {rows[-1].row()}", flush=True)
+    at = f"{args.offered:,.0f}/s offered"
+    reader = f"http://127.0.0.1:{args.read_port}"
+    # (label, url, pid whose CPU is counted, ingesting, tool)
+    plan: list[tuple[str, str, int, bool, Callable[..., Awaitable[Reads]]]] = []
+    if args.rows == "all":
+        plan += [
+            ("owner, idle", owner.url, mine, False, wrk),
+            ("owner, ingesting", owner.url, mine, True, wrk),
+            ("non-owner (forwards), ingesting", other.url, theirs, True, wrk),
+        ]
+        if args.offered:
+            plan += [
+                (f"owner, idle, {at}", owner.url, mine, False, offered),
+                (f"owner, ingesting, {at}", owner.url, mine, True, offered),
+            ]
+    if args.readers:
+        plan += [
+            ("owner's reader, idle", reader, mine, False, wrk),
+            ("owner's reader, ingesting", reader, mine, True, wrk),
+        ]
+        if args.offered:
+            plan += [
+                (f"owner's reader, idle, {at}", reader, mine, False, offered),
+                (f"owner's reader, ingesting, {at}", reader, mine, True, offered),
+            ]
+    rows: list[Reads] = []
+    for label, url, pid, ingesting, tool in plan:
+        if ingesting:
+            row = await under_ingest(
+                stack, rate, label, url, pid=pid, ids=ids, args=args, tool=tool
+            )
+        else:
+            row = await tool(label, url, pid=pid, ids=ids, args=args)
+        rows.append(row)
+        print(f"  {row.row()}", flush=True)
     return rate, rows
 
 
@@ -242,6 +330,24 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="ingest jobs/s (default: half the burst rate)"
+    )
+    parser.add_argument(
+        "--offered",
+        type=float,
+        default=5000.0,
+        help="req/s of the open-loop rows (5000; 0 leaves them out)",
+    )
+    parser.add_argument(
+        "--rows",
+        choices=("all", "readers"),
+        default="all",
+        help="all rows (default), or only the read port's (owner's reader) rows",
+    )
+    parser.add_argument(
+        "--readers",
+        type=int,
+        default=2,
+        help="reader processes of cp-1 (CP_READERS) for the read-port rows (2; 0 leaves them out)",
     )
     add_env_argument(parser)
     parser.add_argument("--no-record", action="store_true", help="do not append to results.md")
@@ -258,7 +364,12 @@ def main() -> None:
         stack.env.update(extra_env)
         try:
             stack.start_providers()
-            owner = stack.start_cp("cp-1", free_port())
+            args.read_port = free_port() if args.readers else 0
+            owner = stack.start_cp(
+                "cp-1",
+                free_port(),
+                env={"CP_READ_PORT": str(args.read_port), "CP_READERS": str(args.readers or 1)},
+            )
             other = stack.start_cp("cp-2", free_port())
             wait_ready([owner.url, other.url])
             asyncio.run(
@@ -286,8 +397,11 @@ def main() -> None:
         f"## Reads, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.reads`)",
         "",
         f"Commit `{git_commit()}`; `GET /jobs/{{id}}` over {len(ids)} finished jobs of cp-1 "
-        f"(two control-plane workers), wrk 1 thread {args.connections} connections "
-        f"{args.seconds:g} s per row, on the same 2 cores as the broker and the workers. "
+        f"(two control-plane workers; cp-1 with a read port and {args.readers} reader "
+        f"process(es)), {args.connections} connections and {args.seconds:g} s per row: wrk, 1 "
+        "thread (closed loop), or, in the offered rows, bench/OpenLoop.java (open loop, "
+        "latency timed from when each request was due), on the same 2 cores as the broker and "
+        "the workers. "
         + (
             f"Ingest = a lean producer at {rate:.0f} jobs/s (`--rate`). "
             if args.rate
@@ -298,7 +412,7 @@ def main() -> None:
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
         "| read | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | answering worker CPU ms "
-        "per 1,000 reads | ingest meanwhile |",
+        "per 1,000 reads | open loop timed from send; ingest meanwhile |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         *(r.row() for r in rows),
         "",
