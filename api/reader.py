@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 LEASE_S = 2.0
 #: How long a read waits for the worker's answer to a view request before forwarding.
 ASK_TIMEOUT_S = 1.0
+#: How often the reader reports its request counts to the worker.
+REPORT_S = 1.0
 CONNECT_WITHIN_S = 60.0
 FORWARD_TIMEOUT_S = 65.0
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
@@ -57,6 +60,8 @@ class Views:
         self.asked: dict[str, asyncio.Future[View | None]] = {}
         self.heard = float("-inf")
         self.writer: asyncio.StreamWriter | None = None
+        #: Requests by outcome since this reader started, reported to the worker (`report`).
+        self.counts: Counter[str] = Counter()
 
     def fresh(self) -> bool:
         return time.monotonic() - self.heard < LEASE_S
@@ -100,6 +105,15 @@ class Views:
                 del self.asked[job_id]
             return None
 
+    async def report(self) -> None:
+        """Send the totals to the worker once a second when they moved (`cp_reader_reads`)."""
+        sent: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(REPORT_S)
+            if self.writer is not None and self.counts != sent:
+                sent = dict(self.counts)
+                self.writer.write(frame("m", sent))
+
     async def listen(self, stream: asyncio.StreamReader) -> None:
         while (items := await read_frame(stream)) is not None:
             self.apply(items)
@@ -137,15 +151,20 @@ class Reader:
 
     async def job_status(self, request: web.BaseRequest, job_id: str) -> web.StreamResponse:
         tenant = authenticate(self.keyring, request)
-        view = self.views.entries.get(job_id) or await self.views.ask(job_id)
+        view = self.views.entries.get(job_id)
+        outcome = "served"
+        if view is None:
+            view, outcome = await self.views.ask(job_id), "asked"
         if view is None or view[0] != tenant:
-            return await self.forward(request)
+            return await self.forward(request)  # counted as relayed
+        self.views.counts[outcome] += 1
         link = orjson.dumps(self.signer.timeline_link(job_id, tenant, time.time()))
         return web.Response(body=view[1] + link + view[2], content_type="application/json")
 
     async def forward(self, request: web.BaseRequest) -> web.StreamResponse:
         """Relay the request to the worker and its answer back, streamed as it comes."""
         assert self.http is not None
+        self.views.counts["relayed"] += 1
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         body = await request.read()
         try:
@@ -203,6 +222,7 @@ class Reader:
             extra={"event": "reader.started", "port": self.settings.read_port, "pid": os.getpid()},
         )
         listening = asyncio.create_task(self.views.listen(stream))
+        reporting = asyncio.create_task(self.views.report())
         stopping = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -213,6 +233,7 @@ class Reader:
                 )
         finally:
             listening.cancel()
+            reporting.cancel()
             stopping.cancel()
             await runner.cleanup()
             await self.http.close()

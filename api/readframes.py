@@ -2,7 +2,8 @@
 
 A frame is a 4-byte big-endian length and an orjson array whose first item says what it is:
 
-- reader to worker: `["v", job_id]`, asking for a job's status view;
+- reader to worker: `["v", job_id]`, asking for a job's status view, and once a second when
+  it counted requests `["m", {outcome: total}]`, its totals since it started (`cp_reader_reads`);
 - worker to reader: `["v", job_id, tenant, head, tail]` answering it (`tenant` null when this
   worker cannot answer for the job now), `["d", [job_id, ...]]` for jobs whose state changed,
   `["r"]` when a partition left the worker (forget every view), and `["a"]` twice a second.

@@ -32,12 +32,17 @@ RESTART_DELAY_S = 1.0
 
 class ReadHub:
     def __init__(
-        self, settings: Settings, view: Callable[[str], tuple[str, bytes, bytes] | None]
+        self,
+        settings: Settings,
+        view: Callable[[str], tuple[str, bytes, bytes] | None],
+        counted: Callable[[str, int], None],
     ) -> None:
         """`view(job_id)`: (tenant, head, tail) of a job the worker can answer for now, else None
-        (`api.views.held_view`)."""
+        (`api.views.held_view`); `counted(outcome, n)`: n more requests of the read port had
+        that outcome (`cp_reader_reads`)."""
         self.settings = settings
         self.view = view
+        self.counted = counted
         self.path = settings.read_socket
         self.readers: set[asyncio.StreamWriter] = set()
         self.changes: list[str] = []
@@ -147,8 +152,15 @@ class ReadHub:
 
     async def _serve(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.readers.add(writer)
+        counts: dict[str, int] = {}  # this reader's totals so far
         try:
             while (items := await read_frame(stream)) is not None:
+                if items[0] == "m" and len(items) == 2 and isinstance(items[1], dict):
+                    for outcome, total in items[1].items():
+                        if total > counts.get(outcome, 0):
+                            self.counted(outcome, total - counts.get(outcome, 0))
+                            counts[outcome] = total
+                    continue
                 if items[0] != "v" or len(items) != 2 or not isinstance(items[1], str):
                     raise ValueError(f"unexpected frame from a reader: {items!r:.200}")
                 job_id = items[1]

@@ -128,4 +128,12 @@ from api import openai_front, views  # noqa: E402, F401
 from api.readhub import ReadHub  # noqa: E402
 
 #: The reader processes' hub, when a read port is set (`CP_READ_PORT`).
-readhub = ReadHub(settings, views.held_view) if settings.read_port else None
+readhub = (
+    ReadHub(
+        settings,
+        views.held_view,
+        lambda outcome, n: metrics.reader_reads.labels(outcome=outcome).inc(n),
+    )
+    if settings.read_port
+    else None
+)

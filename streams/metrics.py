@@ -98,6 +98,13 @@ class Metrics:
             ["reason", "topic"],
             registry=registry,
         )
+        self.reader_reads = Counter(
+            "cp_reader_reads",
+            "Requests on the read port (CP_READ_PORT) by what its readers did: served from a view "
+            "they held, served after asking the worker for it, or relayed to the worker",
+            ["outcome"],
+            registry=registry,
+        )
         self.internal_errors = Counter(
             "cp_internal_errors",
             "Commands the job core could not apply (their job ended FAILED, code internal)",

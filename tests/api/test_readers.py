@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import uuid
 from pathlib import Path
@@ -57,6 +58,20 @@ def without_link(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "links": links}
 
 
+async def expect_counted(http: aiohttp.ClientSession, api: ApiStack, outcome: str) -> None:
+    """cp-1's /metrics shows read-port requests of that outcome (readers report once a second)."""
+    pattern = re.compile(rf'^cp_reader_reads_total{{outcome="{outcome}"}} ([\d.e+]+)$', re.M)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while loop.time() < deadline:
+        async with http.get(api.cp1 + "/metrics") as response:
+            found = pattern.search(await response.text())
+        if found and float(found[1]) > 0:
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"cp_reader_reads_total{{outcome={outcome!r}}} never counted")
+
+
 async def finished(http: aiohttp.ClientSession, api: ApiStack, rid: str) -> str:
     job_id = await create(http, api, job_request(rid, {"sim-cheap": ["ok"]}))
     status, _ = await get_json(http, f"{api.cp1}/jobs/{job_id}/result?wait=30")
@@ -75,6 +90,7 @@ async def test_a_read_of_a_job_held_here_is_served_by_the_reader_as_the_worker_a
         assert by_reader[0] == by_worker[0] == 200
         assert by_reader[2] is None, "served by the reader, not relayed"
         assert without_link(by_reader[1]) == without_link(by_worker[1])
+    await expect_counted(http, api_stack, "served")
     # its signed timeline link opens the page (relayed to the worker, which checks it)
     async with http.get(api_stack.read1 + by_reader[1]["links"]["timeline_signed"]) as page:
         assert page.status == 200 and page.content_type == "text/html"
@@ -88,6 +104,7 @@ async def test_a_job_of_the_other_worker_is_relayed_and_answered_by_its_owner(
     status, body, via = await fetch(http, f"{api_stack.read1}/jobs/{job_id}")
     assert (status, body["state"]) == (200, "COMPLETED")
     assert via, "relayed to cp-1, which forwards to cp-2"
+    await expect_counted(http, api_stack, "relayed")
 
 
 async def test_the_view_follows_the_job_through_its_states(

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from api.links import LinkSigner
-from api.reader import LEASE_S, VIA, Views
+from api.reader import LEASE_S, REPORT_S, VIA, Views
 from api.readframes import MAX_FRAME, frame, read_frame
 from streams.settings import Settings
 from tests.support.workers import free_port
@@ -44,11 +44,16 @@ class Hub:
     asked: list[str] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The reader's last reported request counts.
+    counts: dict[str, int] = field(default_factory=dict)
 
     async def serve(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
         self.connected.set()
         while (items := await read_frame(stream)) is not None:
+            if items[0] == "m":
+                self.counts = items[1]
+                continue
             self.asked.append(items[1])
             view = self.views.get(items[1])
             writer.write(frame("v", items[1], *(view or (None,))))
@@ -151,6 +156,8 @@ async def test_serves_the_view_it_was_given_and_asks_again_after_a_change(rig: R
     assert orjson.loads(body)["state"] == "COMPLETED"
     assert rig.hub.asked == ["job-1", "job-1"]
     assert rig.forwarded == []
+    await asyncio.sleep(REPORT_S + 0.3)
+    assert rig.hub.counts == {"asked": 2, "served": 2}  # reported for cp_reader_reads
 
 
 async def test_a_reset_forgets_every_view(rig: Rig) -> None:
@@ -178,6 +185,8 @@ async def test_forwards_what_it_cannot_serve(rig: Rig) -> None:
         assert (status, via) == (404, VIA)
         assert orjson.loads(body) == {"from": "worker", "path": path}
     assert rig.forwarded == ["/jobs/elsewhere", "/jobs/job-3?wait=5", "/jobs/job-3/timeline"]
+    await asyncio.sleep(REPORT_S + 0.3)
+    assert rig.hub.counts == {"relayed": 3}  # the 401 is refused, not relayed
 
 
 async def test_a_quiet_worker_is_not_answered_for(rig: Rig) -> None:
