@@ -256,6 +256,14 @@ def banner(settings: Settings, children: list[Child], api_key: str | None, took_
         f"  broker           {settings.kafka_bootstrap_servers}",
         *([f"  topics prefix    {settings.topic_prefix}"] if settings.topic_prefix else []),
         f"  web API          {api}  (/healthz, /readyz, POST /jobs)",
+        *(
+            [
+                f"  read port        {local_url(settings.web_host, settings.read_port)}  "
+                f"(GET /jobs/{{id}} from {settings.readers} reader processes; the rest relayed)"
+            ]
+            if settings.read_port
+            else []
+        ),
         f"  provider status  {local_url(settings.web_host, settings.provider_web_port)}/readyz",
         f"  processes        control-plane pid {cp.pid}, providers pid {providers.pid}",
         f"  logs             {cp.log_path}",

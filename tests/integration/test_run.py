@@ -152,15 +152,28 @@ def test_demo_runs_end_to_end_twice(
         assert all(gone(pid) for pid in pids), out
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def test_sigint_stops_both_workers_and_exits_zero(
     run_env: dict[str, str], tmp_path: Path, runs: list[tuple[Run, list[int]]]
 ) -> None:
-    run = Run(run_env, tmp_path / "logs")
+    """With a read port too: its reader processes start with the control plane and stop with it."""
+    read_port = free_port()
+    run = Run({**run_env, "CP_READ_PORT": str(read_port)}, tmp_path / "logs")
     pids: list[int] = []
     runs.append((run, pids))
-    pids.extend(int(p) for p in run.wait_for_line(PIDS, timeout=150).groups())
+    run.wait_for_line(re.compile(rf"read port\s+http://127.0.0.1:{read_port}"), timeout=150)
+    pids.extend(int(p) for p in run.wait_for_line(PIDS, timeout=10).groups())
     run.wait_for_line(re.compile(r"Ctrl-C stops both workers"), timeout=10)
     assert not any(gone(pid) for pid in pids)
+    deadline = time.monotonic() + 30
+    while len(children(pids[0])) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    readers = children(pids[0])
+    assert len(readers) == 2, readers  # CP_READERS' default
+    pids.extend(readers)
     run.process.send_signal(signal.SIGINT)
     code = run.finish(timeout=60)
     assert code == 0, run.text()
