@@ -93,6 +93,8 @@ class ReadHub:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
         self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+        # Views carry every tenant's jobs: only this worker's user may connect.
+        self.path.chmod(0o600)
         self.tasks.append(asyncio.create_task(self._alive()))
         for index in range(self.settings.readers):
             self.tasks.append(asyncio.create_task(self._supervise(index)))

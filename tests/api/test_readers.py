@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,10 @@ async def test_a_killed_reader_is_started_again(
                 return
         await asyncio.sleep(0.2)
     raise AssertionError(f"no reader started after {before[0]} was killed: {readers()}")
+
+
+def test_only_the_workers_user_may_connect_to_its_socket(api_stack: ApiStack) -> None:
+    """The socket hands out views of every tenant's jobs without a key."""
+    socket = api_stack.stack.root / "data" / "cp-1" / "read.sock"
+    assert stat.S_ISSOCK(socket.stat().st_mode)
+    assert stat.S_IMODE(socket.stat().st_mode) == 0o600
