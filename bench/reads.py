@@ -72,12 +72,10 @@ end
 class Reads:
     label: str
     rps: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    p999_ms: float
-    non2xx: int
-    errors: int
+    #: Latency in ms by percentile: 50, 90, 99 and 99.9.
+    pct: dict[float, float]
+    #: Answers other than 200, and requests without an answer.
+    failed: int
     cpu_ms_per_1000: float
     ingest: str = ""
     #: Open loop: the latency percentiles timed from each request's send instead of when due.
@@ -85,9 +83,9 @@ class Reads:
 
     def row(self) -> str:
         notes = [self.from_send, self.ingest]
+        latency = " | ".join(f"{self.pct[q]:.2f}" for q in (50, 90, 99, 99.9))
         return (
-            f"| {self.label} | {self.rps:,.0f} | {self.p50_ms:.2f} | {self.p90_ms:.2f} | "
-            f"{self.p99_ms:.2f} | {self.p999_ms:.2f} | {self.non2xx + self.errors} | "
+            f"| {self.label} | {self.rps:,.0f} | {latency} | {self.failed} | "
             f"{self.cpu_ms_per_1000:.0f} | {'; '.join(filter(None, notes))} |"
         )
 
@@ -115,16 +113,36 @@ def partitions_of(worker: Worker) -> set[int]:
 OPEN_LOOP = Path(__file__).with_name("OpenLoop.java")
 
 
+async def run_tool(argv: list[str], *, pid: int, file_text: str, suffix: str) -> tuple[str, float]:
+    """Run a load generator given a temporary file (its {file} argument); return what it printed
+    and the CPU-seconds `pid` (and its children) used meanwhile."""
+    with tempfile.NamedTemporaryFile("w", suffix=suffix, delete=False) as file:
+        file.write(file_text)
+    cpu_before = cpu_s(pid)
+    process = await asyncio.create_subprocess_exec(
+        *(arg.replace("{file}", file.name) for arg in argv),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await process.communicate())[0].decode()
+    cpu = cpu_s(pid) - cpu_before
+    await asyncio.to_thread(Path(file.name).unlink)
+    return out, cpu
+
+
+def percentiles(out: str, name: str) -> dict[float, float]:
+    """`<name> <q> <microseconds>` lines, in ms by q."""
+    lines = re.findall(rf"^{name} ([\d.]+) (\d+)$", out, re.M)
+    return {float(q): int(us) / 1000 for q, us in lines}
+
+
 async def offered(
     label: str, url: str, *, pid: int, ids: list[str], args: argparse.Namespace
 ) -> Reads:
     """`--offered` req/s on a fixed schedule (bench/OpenLoop.java): latency at that rate,
     measured from when each request was due."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as paths:
-        paths.write("".join(f"/jobs/{i}\n" for i in ids))
-    cpu_before = cpu_s(pid)
-    process = await asyncio.create_subprocess_exec(
+    argv = [
         "java",
         # C1 only and the serial collector: the generator shares the 2 cores it measures
         "-XX:TieredStopAtLevel=1",
@@ -136,70 +154,44 @@ async def offered(
         f"{args.seconds:g}",
         str(args.connections),
         f"Authorization: Bearer {KEY}",
-        paths.name,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out = (await process.communicate())[0].decode()
-    cpu = cpu_s(pid) - cpu_before
-    await asyncio.to_thread(Path(paths.name).unlink)
+        "{file}",
+    ]
+    paths = "".join(f"/jobs/{i}\n" for i in ids)
+    out, cpu = await run_tool(argv, pid=pid, file_text=paths, suffix=".txt")
     sent = re.search(r"^sent (\d+)$", out, re.M)
     rate = re.search(r"^rate ([\d.]+)$", out, re.M)
     errors = re.search(r"^errors (\d+)$", out, re.M)
-    pct = {q: int(us) / 1000 for q, us in re.findall(r"^pct ([\d.]+) (\d+)$", out, re.M)}
-    sent_pct = {q: int(us) / 1000 for q, us in re.findall(r"^sent_pct ([\d.]+) (\d+)$", out, re.M)}
-    if sent is None or rate is None or errors is None or len(pct) < 4 or len(sent_pct) < 4:
+    pct, from_send = percentiles(out, "pct"), percentiles(out, "sent_pct")
+    if sent is None or rate is None or errors is None or len(pct) < 4 or len(from_send) < 4:
         raise SystemExit(f"OpenLoop.java said:\n{out}")
     return Reads(
         label=label,
         rps=float(rate[1]),
-        p50_ms=pct["50.0"],
-        p90_ms=pct["90.0"],
-        p99_ms=pct["99.0"],
-        p999_ms=pct["99.9"],
-        non2xx=0,
-        errors=int(errors[1]),
+        pct=pct,
+        failed=int(errors[1]),
         # the warm-up second is answered by the worker too
         cpu_ms_per_1000=cpu * 1000 / max(1, int(sent[1]) + round(args.offered)) * 1000,
-        from_send=f"from send: p50 {sent_pct['50.0']:.2f}, p99 {sent_pct['99.0']:.2f} ms",
+        from_send=f"from send: p50 {from_send[50]:.2f}, p99 {from_send[99]:.2f} ms",
     )
 
 
 async def wrk(label: str, url: str, *, pid: int, ids: list[str], args: argparse.Namespace) -> Reads:
-    seconds, connections = args.seconds, args.connections
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % (", ".join(f'"{i}"' for i in ids), KEY))
-    cpu_before = cpu_s(pid)
-    process = await asyncio.create_subprocess_exec(
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds:g}s",
-        "--latency",
-        "-s",
-        script.name,
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds:g}s", "--latency"]
+    script = WRK_SCRIPT % (", ".join(f'"{i}"' for i in ids), KEY)
+    out, cpu = await run_tool(
+        [*argv, "-s", "{file}", url], pid=pid, file_text=script, suffix=".lua"
     )
-    out = (await process.communicate())[0].decode()
-    cpu = cpu_s(pid) - cpu_before
-    await asyncio.to_thread(Path(script.name).unlink)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
-    pct = {q: int(us) / 1000 for q, us in re.findall(r"^pct ([\d.]+) (\d+)$", out, re.M)}
+    pct = percentiles(out, "pct")
     codes = dict(re.findall(r"^codes (\w+) (\d+)$", out, re.M))
     if rps is None or total is None or len(pct) < 4:
         raise SystemExit(f"wrk said:\n{out}")
     return Reads(
         label=label,
         rps=float(rps[1]),
-        p50_ms=pct["50"],
-        p90_ms=pct["90"],
-        p99_ms=pct["99"],
-        p999_ms=pct["99.9"],
-        non2xx=int(codes.get("non2xx", 0)),
-        errors=int(codes.get("errors", 0)),
+        pct=pct,
+        failed=int(codes.get("non2xx", 0)) + int(codes.get("errors", 0)),
         cpu_ms_per_1000=cpu * 1000 / max(1, int(total[1])) * 1000,
     )
 
