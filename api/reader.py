@@ -31,7 +31,7 @@ from api.links import LinkSigner
 from api.problems import Problem, unavailable
 from api.readframes import frame, read_frame
 from streams.logs import configure_logging
-from streams.settings import Settings, get_settings
+from streams.settings import Settings, get_settings, local_url
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Reader:
         #: job_id -> (exp, signed link as JSON): a job read again within the second that fixes
         #: its link's expiry reuses the signature (signing was ~14% of a read's CPU).
         self.links: dict[str, tuple[int, bytes]] = {}
-        self.worker = URL(settings.local_url)
+        self.worker = URL(local_url(settings.web_host, settings.web_port))
         self.http: ClientSession | None = None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:

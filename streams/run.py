@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from domain.ids import job_id_for
-from streams.settings import Settings, get_settings
+from streams.settings import Settings, get_settings, local_url
 from streams.topology import catalogue_topology
 
 T = TypeVar("T")
@@ -172,11 +172,6 @@ class Supervisor:
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-
-
-def local_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104 (comparison only)
-    return f"http://{shown}:{port}"
 
 
 def dev_api_key(environ: dict[str, str]) -> str | None:

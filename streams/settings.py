@@ -118,15 +118,15 @@ class Settings(BaseSettings):
         return self.data_dir / "read.sock"
 
     @property
-    def local_url(self) -> str:
-        """This worker's web views, as a process on the same host reaches them."""
-        host = "127.0.0.1" if self.web_host in ("0.0.0.0", "") else self.web_host  # noqa: S104
-        return f"http://{host}:{self.web_port}"
-
-    @property
     def canonical_url(self) -> str:
         """The URL other workers use to reach this one's web views."""
         return self.web_advertised_url or f"http://{self.web_host}:{self.web_port}"
+
+
+def local_url(host: str, port: int) -> str:
+    """A web port bound on `host`, as a process on the same machine reaches it."""
+    shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104 (comparison only)
+    return f"http://{shown}:{port}"
 
 
 @lru_cache(maxsize=1)
