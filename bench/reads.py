@@ -40,13 +40,14 @@ from aiokafka import AIOKafkaProducer
 from bench.clients import Tail
 from bench.listing import KEY, TENANT, fill, wait_ready
 from bench.scale import add_env_argument
+from bench.scale import cpu_s as process_cpu_s
 from bench.scenarios import Finals, burst, job_request
 from bench.throughput import RESULTS, git_commit
 from domain.ids import job_id_for
 from streams.core import partition_for
 from tests.support.broker import kafka_broker
 from tests.support.stack import Stack, new_stack
-from tests.support.workers import Worker, free_port, http_get
+from tests.support.workers import Worker, child_pids, free_port, http_get
 
 #: Rotates through the job ids wrk is given, one per request, with the tenant's key.
 WRK_SCRIPT = """
@@ -92,15 +93,7 @@ class Reads:
 
 def cpu_s(pid: int) -> float:
     """utime + stime of a process and of its children (a worker's readers), in seconds."""
-    total = 0.0
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    for each in [pid, *map(int, children)]:
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / 100.0
-    return total
+    return sum(map(process_cpu_s, [pid, *child_pids(pid)]))
 
 
 def partitions_of(worker: Worker) -> set[int]:

@@ -15,7 +15,6 @@ import re
 import signal
 import stat
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,7 @@ import pytest
 from domain.ids import job_id_for
 from streams.core import partition_for
 from tests.api.conftest import ApiStack, bearer, create, get_json, job_request
-from tests.support.workers import http_get
+from tests.support.workers import child_pids, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -166,17 +165,14 @@ async def test_a_killed_reader_is_started_again(
     assert worker is not None and worker.process is not None
     pid = worker.process.pid
 
-    def readers() -> list[int]:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-    before = readers()
+    before = child_pids(pid)
     assert len(before) == 2, before  # CP_READERS' default
     os.kill(before[0], signal.SIGKILL)
     job_id = await finished(http, api_stack, request_id_on(cp1_partitions(api_stack)))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while loop.time() < deadline:
-        now = readers()
+        now = child_pids(pid)
         if len(now) == 2 and before[0] not in now:
             try:
                 status, _, via = await fetch(http, f"{api_stack.read1}/jobs/{job_id}")
@@ -185,7 +181,7 @@ async def test_a_killed_reader_is_started_again(
             if status == 200 and via is None:
                 return
         await asyncio.sleep(0.2)
-    raise AssertionError(f"no reader started after {before[0]} was killed: {readers()}")
+    raise AssertionError(f"no reader started after {before[0]} was killed: {child_pids(pid)}")
 
 
 def test_only_the_workers_user_may_connect_to_its_socket(api_stack: ApiStack) -> None:

@@ -23,7 +23,7 @@ from domain.ids import job_id_for
 from streams.admin import ensure_topics
 from streams.run import DEMO_JOBS
 from streams.settings import Settings
-from tests.support.workers import ROOT, free_port
+from tests.support.workers import ROOT, child_pids, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -152,10 +152,6 @@ def test_demo_runs_end_to_end_twice(
         assert all(gone(pid) for pid in pids), out
 
 
-def children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_sigint_stops_both_workers_and_exits_zero(
     run_env: dict[str, str], tmp_path: Path, runs: list[tuple[Run, list[int]]]
 ) -> None:
@@ -169,9 +165,9 @@ def test_sigint_stops_both_workers_and_exits_zero(
     run.wait_for_line(re.compile(r"Ctrl-C stops both workers"), timeout=10)
     assert not any(gone(pid) for pid in pids)
     deadline = time.monotonic() + 30
-    while len(children(pids[0])) < 2 and time.monotonic() < deadline:
+    while len(child_pids(pids[0])) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    readers = children(pids[0])
+    readers = child_pids(pids[0])
     assert len(readers) == 2, readers  # CP_READERS' default
     pids.extend(readers)
     run.process.send_signal(signal.SIGINT)

@@ -17,6 +17,11 @@ from typing import IO
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started that are still running (a worker's readers), from /proc."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
