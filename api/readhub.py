@@ -50,7 +50,6 @@ class ReadHub:
         self.tasks: list[asyncio.Task[None]] = []
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = False
-        self.started = 0
 
     # -- the job core's side (streams.core.ViewListener) ------------------------------------------
 
@@ -130,13 +129,9 @@ class ReadHub:
         self.path.unlink(missing_ok=True)
 
     async def _supervise(self, index: int) -> None:
-        env = {**os.environ, "CP_READER_INDEX": str(index)}
         while not self.stopping:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "api.reader", env=env
-            )
+            process = await asyncio.create_subprocess_exec(sys.executable, "-m", "api.reader")
             self.processes[index] = process
-            self.started += 1
             code = await process.wait()
             if self.stopping:
                 return

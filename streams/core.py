@@ -172,7 +172,8 @@ class JobCore:
         self.loading: asyncio.Future[None] | None = None
         self.stopping = False
         self.crashed: BaseException | None = None
-        #: Told of every job whose state changes and of every partition that leaves (`api.readhub`).
+        #: Told of every job whose state changes and of every partition that leaves (`api.readhub`);
+        #: set before `start`, so every partition loaded tells it.
         self.view_listener: ViewListener | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -972,10 +973,6 @@ class JobCore:
         if self.consumer is not None and not self.stopping:
             self.consumer._coordinator.request_rejoin()
 
-    def _view_changed(self, job_id: str) -> None:
-        if self.view_listener is not None:
-            self.view_listener.changed(job_id)
-
     async def _drop(self, number: int) -> None:
         part = self.parts.pop(number, None)
         if part is not None:
@@ -1079,8 +1076,9 @@ class JobCore:
             for (number, twin), producer in producers.items():
                 (self.twins if twin else self.txns)[number] = Transaction(number, producer)
             self.parts.update(parts)
-            for part in parts.values():
-                part.views.changed = self._view_changed
+            if self.view_listener is not None:
+                for part in parts.values():
+                    part.views.changed = self.view_listener.changed
             for tp, offset in committed.items():
                 await self._seek(tp, offset)
                 if tp.topic == self.results_topic:

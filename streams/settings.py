@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     #: port forwards every other request to the worker (`api.reader`).
     read_port: int = Field(default=0, ge=0, le=65535)
     #: Reader processes sharing the read port (SO_REUSEPORT), started and restarted by the worker.
-    #: Two met 5,000 reads/s at p99 ≤ 10 ms on 2 busy cores where one did not (bench/results.md).
+    #: On 2 cores busy ingesting, two sustained 5,000 reads/s where one fell behind
+    #: (bench/results.md).
     readers: int = Field(default=2, ge=1, le=64)
     #: How much of the cluster's provider health (cp.health) a starting worker replays.
     health_replay_s: float = 300.0
