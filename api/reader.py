@@ -5,8 +5,9 @@ asked of the worker once per state of the job and kept until the worker says the
 read costs the worker nothing and does not wait for the job core's steps. Everything else is
 forwarded to the worker and answered as the worker answers it: another tenant's job or a missing
 one, a job of another worker's partition, `?wait=` long-polls, and every other route. So is every
-read while the worker has not been heard from for `LEASE_S` (stopped, paused, or gone): the reader
-never answers from what it last knew of a worker that may have lost its partitions meanwhile.
+read while the worker has not been heard from for `LEASE_S` (stopped, paused, or gone), or past
+the end of the worker's membership lease that it last told of (`streams.lease`): the reader never
+answers from what it last knew of a worker that may have lost its partitions meanwhile.
 
 It exits when its worker's connection ends; the worker starts it again.
 """
@@ -59,12 +60,15 @@ class Views:
         self.entries: dict[str, View] = {}
         self.asked: dict[str, asyncio.Future[View | None]] = {}
         self.heard = float("-inf")
+        #: CLOCK_MONOTONIC end of the worker's membership lease, as it last said.
+        self.until = float("-inf")
         self.writer: asyncio.StreamWriter | None = None
         #: Requests by outcome since this reader started, reported to the worker (`report`).
         self.counts: Counter[str] = Counter()
 
     def fresh(self) -> bool:
-        return time.monotonic() - self.heard < LEASE_S
+        now = time.monotonic()
+        return now - self.heard < LEASE_S and now < self.until
 
     def apply(self, items: list[Any]) -> None:
         """One frame from the worker (`api.readframes`)."""
@@ -86,7 +90,9 @@ class Views:
             waiting = self.asked.pop(job_id, None)
             if waiting is not None and not waiting.done():
                 waiting.set_result(view)
-        elif kind != "a":
+        elif kind == "a" and len(items) == 2 and isinstance(items[1], float | int):
+            self.until = float(items[1])
+        else:
             raise ValueError(f"unexpected frame from the worker: {items!r:.200}")
 
     async def ask(self, job_id: str) -> View | None:

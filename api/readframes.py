@@ -6,7 +6,9 @@ A frame is a 4-byte big-endian length and an orjson array whose first item says 
   it counted requests `["m", {outcome: total}]`, its totals since it started (`cp_reader_reads`);
 - worker to reader: `["v", job_id, tenant, head, tail]` answering it (`tenant` null when this
   worker cannot answer for the job now), `["d", [job_id, ...]]` for jobs whose state changed,
-  `["r"]` when a partition left the worker (forget every view), and `["a"]` twice a second.
+  `["r"]` when a partition left the worker (forget every view), and `["a", until]` twice a
+  second while its membership lease holds (`streams.lease`): `until` is the CLOCK_MONOTONIC time
+  the lease ends, past which the reader serves nothing of what it holds.
 
 One ordered stream per reader is what keeps a reader's views current: a view is answered from the
 state at the moment the request is read, and a later change of the job is sent after it.

@@ -3,8 +3,9 @@
 The hub starts `CP_READERS` reader processes (and starts one again if it exits), answers their
 requests for status views from the job core's state, and tells them of every job whose state
 changed and of every partition that left, over one Unix socket connection each
-(`api.readframes`). A reader serves a view it holds only while it hears from the worker, so a
-stopped or paused worker's reader forwards instead of answering from what it last knew.
+(`api.readframes`). A reader serves a view it holds only while it hears from the worker and
+within the worker's membership lease (`streams.lease`), so the reader of a stopped worker, or of
+one paused past its session timeout, forwards instead of answering from what it last knew.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from api.readframes import frame, read_frame
@@ -36,13 +38,16 @@ class ReadHub:
         settings: Settings,
         view: Callable[[str], tuple[str, bytes, bytes] | None],
         counted: Callable[[str, int], None],
+        lease_until: Callable[[], float],
     ) -> None:
         """`view(job_id)`: (tenant, head, tail) of a job the worker can answer for now, else None
         (`api.views.held_view`); `counted(outcome, n)`: n more requests of the read port had
-        that outcome (`cp_reader_reads`)."""
+        that outcome (`cp_reader_reads`); `lease_until()`: the CLOCK_MONOTONIC time the
+        worker's membership lease ends (`streams.lease`)."""
         self.settings = settings
         self.view = view
         self.counted = counted
+        self.lease_until = lease_until
         self.path = settings.read_socket
         self.readers: set[asyncio.StreamWriter] = set()
         self.changes: list[str] = []
@@ -142,10 +147,12 @@ class ReadHub:
             await asyncio.sleep(RESTART_DELAY_S)
 
     async def _alive(self) -> None:
-        beat = frame("a")
+        """Say twice a second until when the readers may serve: never past the lease."""
         while True:
             await asyncio.sleep(ALIVE_S)
-            self._broadcast(beat)
+            until = self.lease_until()
+            if until > time.monotonic():
+                self._broadcast(frame("a", until))
 
     async def _serve(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.readers.add(writer)

@@ -133,6 +133,7 @@ readhub = (
         settings,
         views.held_view,
         lambda outcome, n: metrics.reader_reads.labels(outcome=outcome).inc(n),
+        lambda: core.lease.until,
     )
     if settings.read_port
     else None

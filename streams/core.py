@@ -38,6 +38,7 @@ from domain.outbox import render
 from domain.webhooks import parse_allowed_hosts, refusal
 from streams.assignor import CopartitionedAssignor
 from streams.deadletter import dead_letter_record
+from streams.lease import MembershipLease
 from streams.metrics import Metrics
 from streams.pacing import FetchPacer
 from streams.partition import Partition, ViewCache
@@ -166,6 +167,9 @@ class JobCore:
         self.commits: dict[int, asyncio.Task[None]] = {}
         self.failed: set[int] = set()
         self.assignor = CopartitionedAssignor(url, lambda: sorted(self.parts))
+        #: Renewed by the group coordinator; while it has lapsed, nothing held here is answered
+        #: for (another worker may own it by now).
+        self.lease = MembershipLease(settings.broker_session_timeout_s)
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task[None] | None = None
@@ -192,6 +196,7 @@ class JobCore:
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
         await self.consumer.start()
+        self.lease.watch(self.consumer._coordinator)
         report_providers(self.runtime.providers, worker="control-plane")
         try:
             self.check_dispatch_topics(set(await self.consumer.topics()))
@@ -331,22 +336,30 @@ class JobCore:
         return self.assignor.owners.get(self.partition_of(job_id))
 
     def serves(self, job_id: str) -> bool:
-        return self.partition_of(job_id) in self.parts
+        """Whether this worker holds the job's partition and can still answer for it."""
+        return self.partition_of(job_id) in self.parts and self.lease.holds()
 
     def ready(self) -> tuple[bool, str]:
         if self.crashed is not None:
             return False, f"job core stopped: {self.crashed!r}"
         if not self.assigned:
             return False, "no partitions assigned"
+        if not self.lease.holds():
+            return False, (
+                "group membership not confirmed for "
+                f"{self.lease.lapsed_for() + self.lease.length:.1f} s: its partitions may "
+                "have moved to another worker"
+            )
         missing = self.assigned - set(self.parts)
         if missing:
             return False, f"restoring {len(missing)} partitions"
         return True, "ready"
 
     def held(self, job_id: str) -> Partition:
-        """The partition state holding the job here (raises CoreNotReady when it is not)."""
+        """The partition state holding the job here (raises CoreNotReady when it is not, or when
+        the membership lease has lapsed)."""
         part = self.parts.get(self.partition_of(job_id))
-        if part is None:
+        if part is None or not self.lease.holds():
             raise CoreNotReady(job_id)
         return part
 
@@ -356,7 +369,7 @@ class JobCore:
 
     def retired(self, job_id: str) -> RetiredJob | None:
         part = self.parts.get(self.partition_of(job_id))
-        return part.retired_job(job_id) if part is not None else None
+        return part.retired_job(job_id) if part is not None and self.lease.holds() else None
 
     async def wait_final(self, job_id: str, seconds: float) -> None:
         """Return when the job's final step committed here, when its partition left this worker,
@@ -1032,6 +1045,7 @@ class JobCore:
                 self.loading = asyncio.ensure_future(self._load(load, assigned))
                 self.loading.add_done_callback(self._loaded)
             self._reset_in_flight()
+            self.lease.applied(generation)
 
     def _cancel_loading(self) -> None:
         if self.loading is not None and not self.loading.done():

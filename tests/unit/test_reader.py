@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,9 +73,10 @@ class Rig:
     beating: asyncio.Task[None]
 
 
-async def _beat(hub: Hub) -> None:
+async def _beat(hub: Hub, lease_s: float = 60.0) -> None:
+    """Say alive every 0.2 s, with a membership lease ending `lease_s` from then."""
     while True:
-        hub.send("a")
+        hub.send("a", time.monotonic() + lease_s)
         await asyncio.sleep(0.2)
 
 
@@ -199,6 +201,24 @@ async def test_a_quiet_worker_is_not_answered_for(rig: Rig) -> None:
     assert rig.forwarded == ["/jobs/job-4"]
 
 
+async def test_nothing_is_served_past_the_worker_lease(rig: Rig) -> None:
+    """A worker that goes on talking but whose membership lease it last told of has ended (it
+    ran again after a pause past its session timeout) is not answered for either."""
+    rig.hub.views["job-5"] = view_of("job-5", "STARTED")
+    assert (await read(rig.url + "/jobs/job-5"))[2] is None
+    rig.beating.cancel()
+    rig.beating = asyncio.create_task(_beat(rig.hub, lease_s=-1.0))
+    await asyncio.sleep(0.5)
+    status, _, via = await read(rig.url + "/jobs/job-5")
+    assert (status, via) == (404, VIA)
+    assert rig.forwarded == ["/jobs/job-5"]
+    rig.beating.cancel()
+    rig.beating = asyncio.create_task(_beat(rig.hub))  # confirmed again
+    await asyncio.sleep(0.5)
+    status, _, via = await read(rig.url + "/jobs/job-5")
+    assert (status, via) == (200, None)
+
+
 async def test_exits_when_the_worker_connection_ends(rig: Rig) -> None:
     for writer in rig.hub.writers:
         writer.close()
@@ -219,6 +239,13 @@ def test_views_follow_the_frames_in_order() -> None:
     assert "d" not in views.entries
     with pytest.raises(ValueError, match="unexpected frame"):
         views.apply(["x"])
+    with pytest.raises(ValueError, match="unexpected frame"):
+        views.apply(["a"])  # an alive frame says until when
+    assert not views.fresh()
+    views.apply(["a", time.monotonic() + 5])
+    assert views.fresh()
+    views.apply(["a", time.monotonic() - 1])
+    assert not views.fresh()
 
 
 async def test_frames_round_trip_and_refuse_garbage() -> None:
