@@ -18,7 +18,7 @@ anomaly. `anomalies` counts whatever else a fault must not cause (listed in the 
 without a terminal event or with one that disagrees with their final response, a (job_id, seq)
 naming two events, changelog rows going back, final states the scripts cannot end in, a worker
 that died, a poison record without exactly one dead letter, an attempt sent to two providers, an
-HTTP bad input answered with the wrong status.
+HTTP bad input answered with the wrong status, a status read that went back (`ReadWatch`).
 """
 
 from __future__ import annotations
@@ -241,8 +241,8 @@ class Run:
     def live_urls(self) -> list[str]:
         return [w.url for w in self.cps if w.alive() and w not in self.gone | self.paused]
 
-    async def start_cp(self, name: str) -> Worker:
-        worker = await asyncio.to_thread(self.stack.start_cp, name)
+    async def start_cp(self, name: str, env: dict[str, str] | None = None) -> Worker:
+        worker = await asyncio.to_thread(self.stack.start_cp, name, None, env)
         self.cps.append(worker)
         return worker
 
@@ -531,9 +531,11 @@ async def running(
     env: dict[str, str] | None = None,
     bootstrap: str | None = None,
     graceful: bool = False,
+    read_ports: bool = False,
 ) -> AsyncIterator[Run]:
     """A stack of the fault's own (cps control-plane workers, one provider worker), torn down
-    and its topics deleted afterwards."""
+    and its topics deleted afterwards; with `read_ports`, each control-plane worker has a read
+    port of its own (`CP_READ_PORT`) and its reader processes."""
     row = Row(fault=name, graceful=graceful)
     tag = uuid.uuid4().hex[:8]
     keys = {f"chaos-{name}-{tag}": f"key-{uuid.uuid4().hex}", f"other-{tag}": "other-key-" + tag}
@@ -551,7 +553,8 @@ async def running(
             run = Run(battery, row, stack, events, http, keys)
             await run.start_providers()
             for n in range(cps):
-                await run.start_cp(f"cp-{n + 1}")
+                read = {"CP_READ_PORT": str(free_port())} if read_ports else {}
+                await run.start_cp(f"cp-{n + 1}", read)
             await run.settle()
             try:
                 yield run
@@ -717,53 +720,172 @@ async def broker_sigkill(battery: Battery) -> Row:
 
 async def zombie(battery: Battery) -> Row:
     """Two control-plane workers; SIGSTOP one past its session timeout, then SIGCONT it."""
+    return await _zombie(battery, "zombie", reads=False)
+
+
+async def zombie_reads(battery: Battery) -> Row:
+    """The zombie, with a read port on each worker, polled throughout: while a worker is paused
+    its reader processes run on, and must not answer for jobs that moved on elsewhere."""
+    return await _zombie(battery, "zombie-reads", reads=True)
+
+
+async def _zombie(battery: Battery, name: str, *, reads: bool) -> Row:
     env = {
         "CP_BROKER_SESSION_TIMEOUT_S": str(SESSION_TIMEOUT_S),
         "CP_BROKER_HEARTBEAT_INTERVAL_S": "1.0",
     }
-    async with running(battery, "zombie", cps=2, env=env) as run:
-        rounds = battery.sizes.zombie_rounds
-        per_round = max(battery.sizes.jobs // rounds, 1)
-        faulted_at = time.monotonic()
-        paused: list[str] = []
-        for n in range(rounds):
-            victim = run.cps[(n + 1) % 2]
-            wave, later = await run.send(per_round)
-            third = max(per_round // 3, 1)
-            await run.wait(
-                run.at_least(wave, "dispatched", third, finished_too=True),
-                timeout=60,
-                what="a third of the wave dispatched",
-            )
-            pending = wave & run.timelines.jobs_with({"dispatched"}) - run.timelines.jobs_with(
-                TERMINAL
-            )
-            faulted_at = run.fault_on()
+    async with running(battery, name, cps=2, env=env, read_ports=reads) as run:
+        watch = ReadWatch(run) if reads else None
+        try:
+            return await _pause_rounds(run, watch)
+        finally:
+            if watch is not None:
+                watch.close()
 
-            def taken_over(faulted_at: float = faulted_at, pending: set[str] = pending) -> bool:
-                """Past the session timeout, and every job in flight at the pause finished:
-                the paused worker's share of them only finishes once another took it over."""
-                elapsed = time.monotonic() - faulted_at
-                return elapsed >= SESSION_TIMEOUT_S + 2 and pending <= run.timelines.jobs_with(
-                    TERMINAL
-                )
 
-            run.pause(victim)
-            try:
-                run.post_later(later)
-                await run.wait(taken_over, timeout=PAUSE_MAX_S, what="the others taking over")
-            finally:
-                run.resume(victim)
-            paused.append(f"{victim.log_path.stem} {time.monotonic() - faulted_at:.0f} s")
-            run.note(f"round {n + 1}: {len(pending)} in flight")
-            await asyncio.to_thread(victim.wait_ready)
-            await run.fault_off()
-        run.note("paused: " + ", ".join(paused))
-        await run.finish(faulted_at)
-        targets = await attempt_targets(run.stack.bootstrap, run.stack.topic, run.tenant)
-        two = sum(1 for n in targets.values() if n > 1)
-        run.anomaly(two, f"{two} attempts dispatched to two targets")
+async def _pause_rounds(run: Run, watch: ReadWatch | None) -> Row:
+    battery = run.battery
+    rounds = battery.sizes.zombie_rounds
+    per_round = max(battery.sizes.jobs // rounds, 1)
+    faulted_at = time.monotonic()
+    paused: list[str] = []
+    for n in range(rounds):
+        victim = run.cps[(n + 1) % 2]
+        wave, later = await run.send(per_round)
+        third = max(per_round // 3, 1)
+        await run.wait(
+            run.at_least(wave, "dispatched", third, finished_too=True),
+            timeout=60,
+            what="a third of the wave dispatched",
+        )
+        pending = wave & run.timelines.jobs_with({"dispatched"}) - run.timelines.jobs_with(TERMINAL)
+        faulted_at = run.fault_on()
+
+        def taken_over(faulted_at: float = faulted_at, pending: set[str] = pending) -> bool:
+            """Past the session timeout, and every job in flight at the pause finished:
+            the paused worker's share of them only finishes once another took it over."""
+            elapsed = time.monotonic() - faulted_at
+            return elapsed >= SESSION_TIMEOUT_S + 2 and pending <= run.timelines.jobs_with(TERMINAL)
+
+        if watch is not None:
+            watch.focus = pending
+        run.pause(victim)
+        try:
+            run.post_later(later)
+            await run.wait(taken_over, timeout=PAUSE_MAX_S, what="the others taking over")
+        finally:
+            run.resume(victim)
+        paused.append(f"{victim.log_path.stem} {time.monotonic() - faulted_at:.0f} s")
+        run.note(f"round {n + 1}: {len(pending)} in flight")
+        await asyncio.to_thread(victim.wait_ready)
+        await run.fault_off()
+    run.note("paused: " + ", ".join(paused))
+    if watch is not None:
+        await watch.until_finished()
+    await run.finish(faulted_at)
+    if watch is not None:
+        watch.report()
+    targets = await attempt_targets(run.stack.bootstrap, run.stack.topic, run.tenant)
+    two = sum(1 for n in targets.values() if n > 1)
+    run.anomaly(two, f"{two} attempts dispatched to two targets")
     return run.row
+
+
+#: Readers of the status of jobs while a fault runs, and how long one waits for an answer.
+READ_WATCHERS = 16
+READ_TIMEOUT_S = 1.0
+#: Each reader's pause between requests: a few hundred reads a second in all, beside the fault.
+READ_PAUSE_S = 0.02
+
+
+def _read_rank(body: bytes) -> tuple[datetime, int, int] | None:
+    """How far along a status body is: its last step's time, attempts and states reached."""
+    try:
+        status = orjson.loads(body)
+        updated = datetime.fromisoformat(status["updated_at"])
+        return updated, len(status["attempts"]), len(status["transitions"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class ReadWatch:
+    """GET /jobs/{id} of the run's jobs from every control-plane worker's read port and web port,
+    by READ_WATCHERS clients, until stopped. They read the jobs of `focus` when it is set (the
+    jobs in flight when a worker was paused), else any job of the run.
+
+    An answer goes back when it shows a job less far along than an answer received before its
+    request was sent: each goes back is an anomaly. How the other answers came (served by a
+    reader, relayed with `Via`, refused, none within READ_TIMEOUT_S) is noted.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.urls: list[tuple[str, str]] = []
+        for worker in run.cps:
+            name = worker.log_path.stem
+            self.urls.append((f"{name} web", worker.url))
+            read_port = worker.env.get("CP_READ_PORT")
+            if read_port:
+                self.urls.append((f"{name} read", f"http://127.0.0.1:{read_port}"))
+        self.seen: dict[str, tuple[datetime, int, int]] = {}
+        self.focus: set[str] = set()
+        self.answers: Counter[str] = Counter()
+        self.back: list[str] = []
+        self.timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT_S)
+        self._rng = random.Random(7)
+        self._stop = asyncio.Event()
+        self.tasks = [asyncio.create_task(self._watch()) for _ in range(READ_WATCHERS)]
+
+    async def _watch(self) -> None:
+        while not self._stop.is_set():
+            jobs = sorted(self.focus or self.run.jobs)
+            if not jobs:
+                await asyncio.sleep(0.05)
+                continue
+            job_id = self._rng.choice(jobs)
+            where, url = self._rng.choice(self.urls)
+            floor = self.seen.get(job_id)
+            status, via, body = 0, False, b""
+            try:
+                async with self.run.http.get(
+                    f"{url}/jobs/{job_id}", headers=bearer(self.run.key), timeout=self.timeout
+                ) as response:
+                    status, via = response.status, "Via" in response.headers
+                    body = await response.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass
+            await asyncio.sleep(READ_PAUSE_S)
+            how = "no answer" if status == 0 else f"{status}{' relayed' if via else ''}"
+            self.answers[f"{where} {how}"] += 1
+            rank = _read_rank(body) if status == 200 else None
+            if rank is None:
+                continue
+            if floor is not None and rank < floor:
+                self.back.append(f"{job_id} from {where}{' relayed' if via else ''}")
+            current = self.seen.get(job_id)
+            if current is None or rank > current:
+                self.seen[job_id] = rank
+
+    async def until_finished(self) -> None:
+        """Go on until every job has a terminal event (at most the drain's timeout), then stop."""
+        run = self.run
+        await run.timelines.holds(
+            lambda: run.jobs <= run.timelines.jobs_with(TERMINAL), timeout=DRAIN_TIMEOUT_S
+        )
+        self._stop.set()
+        await asyncio.gather(*self.tasks)
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    def report(self) -> None:
+        answered = ", ".join(f"{what} x{n}" for what, n in sorted(self.answers.items()))
+        self.run.note(f"status reads: {answered}")
+        self.run.anomaly(
+            len(self.back),
+            f"{len(self.back)} status reads went back: " + ", ".join(self.back[:3]),
+        )
 
 
 async def failover_after_local_crash(battery: Battery) -> Row:
@@ -1293,6 +1415,7 @@ FAULTS: dict[str, Fault] = {
     "cp-graceful": cp_graceful,
     "broker-sigkill": broker_sigkill,
     "zombie": zombie,
+    "zombie-reads": zombie_reads,
     "provider-sigkill": provider_sigkill,
     "provider-graceful": provider_graceful,
     "failover": failover_after_local_crash,

@@ -19,7 +19,8 @@ SHORT = Sizes(jobs=20, cp_kills=1, zombie_rounds=1, http_every=3)
 
 
 @pytest.mark.parametrize(
-    "fault", ["cp-sigkill", "provider-graceful", "failover", "poison", "http-bad-inputs"]
+    "fault",
+    ["cp-sigkill", "provider-graceful", "zombie-reads", "failover", "poison", "http-bad-inputs"],
 )
 async def test_fault_loses_nothing(
     fault: str,
