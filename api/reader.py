@@ -2,9 +2,11 @@
 
 Started by its worker (`api.readhub`), never by hand. It answers a read from the job's status view,
 asked of the worker once per state of the job and kept until the worker says the job changed, so a
-read costs the worker nothing and does not wait for the job core's steps. Everything else is
-forwarded to the worker and answered as the worker answers it: another tenant's job or a missing
-one, a job of another worker's partition, `?wait=` long-polls, and every other route. So is every
+read costs the worker nothing and does not wait for the job core's steps. A read of a job whose
+partition another worker owns goes straight to that worker's read port when it has one (once: a
+read relayed by a reader is never passed on again). Everything else is forwarded to the worker
+and answered as the worker answers it: another tenant's job or a missing one, `?wait=`
+long-polls, and every other route. So is every
 read while the worker has not been heard from for `LEASE_S` (stopped, paused, or gone), or past
 the end of the worker's membership lease that it last told of (`streams.lease`): the reader never
 answers from what it last knew of a worker that may have lost its partitions meanwhile.
@@ -24,7 +26,14 @@ from typing import Any
 
 import orjson
 import uvloop
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import (
+    ClientConnectorError,
+    ClientError,
+    ClientSession,
+    ClientTimeout,
+    TCPConnector,
+    web,
+)
 from yarl import URL
 
 from api.auth import KeyRing, authenticate
@@ -32,6 +41,7 @@ from api.links import LinkSigner
 from api.problems import Problem, unavailable
 from api.readframes import frame, read_frame
 from streams.logs import configure_logging
+from streams.placement import partition_for
 from streams.settings import Settings, get_settings, local_url
 
 log = logging.getLogger(__name__)
@@ -62,6 +72,9 @@ class Views:
         self.heard = float("-inf")
         #: CLOCK_MONOTONIC end of the worker's membership lease, as it last said.
         self.until = float("-inf")
+        #: The job partition count, and the read port of each partition another worker owns.
+        self.partitions = 0
+        self.elsewhere: dict[int, URL] = {}
         self.writer: asyncio.StreamWriter | None = None
         #: Requests by outcome since this reader started, reported to the worker (`report`).
         self.counts: Counter[str] = Counter()
@@ -92,6 +105,9 @@ class Views:
                 waiting.set_result(view)
         elif kind == "a" and len(items) == 2 and isinstance(items[1], float | int):
             self.until = float(items[1])
+        elif kind == "o" and len(items) == 3:
+            self.partitions = int(items[1])
+            self.elsewhere = {int(p): URL(url) for p, url in items[2].items()}
         else:
             raise ValueError(f"unexpected frame from the worker: {items!r:.200}")
 
@@ -163,6 +179,9 @@ class Reader:
         view = self.views.entries.get(job_id)
         outcome = "served"
         if view is None:
+            peer = self.peer_for(job_id, request)
+            if peer is not None:
+                return await self.forward(request, peer)
             view, outcome = await self.views.ask(job_id), "asked"
         if view is None or view[0] != tenant:
             return await self.forward(request)  # counted as relayed
@@ -181,21 +200,34 @@ class Reader:
         self.links[job_id] = (exp, link)
         return link
 
-    async def forward(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Relay the request to the worker and its answer back, streamed as it comes."""
+    def peer_for(self, job_id: str, request: web.BaseRequest) -> URL | None:
+        """The read port of the worker that owns the job's partition, when it is another one's
+        and the request did not come from a reader already."""
+        if not self.views.partitions or VIA in request.headers.get("Via", ""):
+            return None
+        return self.views.elsewhere.get(partition_for(job_id, self.views.partitions))
+
+    async def forward(
+        self, request: web.BaseRequest, peer: URL | None = None
+    ) -> web.StreamResponse:
+        """Relay the request to the worker (or to `peer`, another worker's read port) and its
+        answer back, streamed as it comes. A peer that refuses the connection (its worker
+        stopped) is passed over for the worker, which forwards to the partition's owner."""
         assert self.http is not None
-        self.views.counts["relayed"] += 1
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        if peer is not None:
+            headers["Via"] = ", ".join(v for v in (request.headers.get("Via"), VIA) if v)
         body = await request.read()
         try:
             async with self.http.request(
                 request.method,
-                self.worker.join(request.rel_url),
+                (peer or self.worker).join(request.rel_url),
                 headers=headers,
                 data=body or None,
                 timeout=ClientTimeout(total=FORWARD_TIMEOUT_S),
                 allow_redirects=False,
             ) as answer:
+                self.views.counts["passed" if peer is not None else "relayed"] += 1
                 response = web.StreamResponse(status=answer.status, reason=answer.reason)
                 for name, value in answer.headers.items():
                     if name.lower() not in _NOT_RELAYED:
@@ -208,6 +240,10 @@ class Reader:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
+        except ClientConnectorError:
+            if peer is not None:
+                return await self.forward(request)
+            raise unavailable("the worker did not answer: ClientConnectorError") from None
         except (ClientError, TimeoutError) as exc:
             raise unavailable(f"the worker did not answer: {exc.__class__.__name__}") from None
 

@@ -8,7 +8,9 @@ A frame is a 4-byte big-endian length and an orjson array whose first item says 
   worker cannot answer for the job now), `["d", [job_id, ...]]` for jobs whose state changed,
   `["r"]` when a partition left the worker (forget every view), and `["a", until]` twice a
   second while its membership lease holds (`streams.lease`): `until` is the CLOCK_MONOTONIC time
-  the lease ends, past which the reader serves nothing of what it holds.
+  the lease ends, past which the reader serves nothing of what it holds; after each assignment
+  (and on connecting) `["o", partitions, {partition: read_url}]`, the read ports of the other
+  workers that own partitions, to which a reader relays reads of their jobs.
 
 One ordered stream per reader is what keeps a reader's views current: a view is answered from the
 state at the moment the request is read, and a later change of the job is sent after it.

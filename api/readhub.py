@@ -55,6 +55,8 @@ class ReadHub:
         self.tasks: list[asyncio.Task[None]] = []
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = False
+        #: The last placement frame: which partitions' owners other readers answer for.
+        self.placement: bytes | None = None
 
     # -- the job core's side (streams.core.ViewListener) ------------------------------------------
 
@@ -68,6 +70,13 @@ class ReadHub:
     def reset(self) -> None:
         self._send_changes()
         self._broadcast(frame("r"))
+
+    def placed(self, partitions: int, readers: dict[int, str]) -> None:
+        """Tell the readers which partitions other workers' read ports answer for."""
+        own = self.settings.read_url
+        elsewhere = {str(p): url for p, url in sorted(readers.items()) if url != own}
+        self.placement = frame("o", partitions, elsewhere)
+        self._broadcast(self.placement)
 
     def _send_changes(self) -> None:
         if self.changes:
@@ -156,6 +165,8 @@ class ReadHub:
 
     async def _serve(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.readers.add(writer)
+        if self.placement is not None:
+            self._send(writer, self.placement)
         counts: dict[str, int] = {}  # this reader's totals so far
         try:
             while (items := await read_frame(stream)) is not None:

@@ -34,7 +34,7 @@ from bench.listing import KEY, TENANT, fill, wait_ready
 from bench.scenarios import restored_lines
 from bench.throughput import RESULTS, git_commit, rss_mib
 from domain.ids import job_id_for
-from streams.core import partition_for
+from streams.placement import partition_for
 from tests.support.broker import kafka_broker
 from tests.support.stack import Stack, new_stack
 from tests.support.workers import Worker, free_port

@@ -44,7 +44,7 @@ from bench.scale import cpu_s as process_cpu_s
 from bench.scenarios import Finals, burst, job_request
 from bench.throughput import RESULTS, git_commit
 from domain.ids import job_id_for
-from streams.core import partition_for
+from streams.placement import partition_for
 from tests.support.broker import kafka_broker
 from tests.support.stack import Stack, new_stack
 from tests.support.workers import Worker, child_pids, free_port, http_get

@@ -3,8 +3,10 @@
 Every member gets the same partition numbers of every subscribed topic (cp.intake, cp.commands,
 cp.results), so one worker holds partition N of all of them and is the only writer of the jobs
 that hash to N. Partitions stay with the member that held them when it is still there (its state
-needs no rebuild). Each member puts its web URL in its join metadata; the leader hands every member
-the whole partition -> URL map with its assignment, which the API uses to forward requests.
+needs no rebuild). Each member puts its web URL (and its read port's, when it has one) in its join
+metadata; the leader hands every member the whole partition -> URL maps with its assignment, which
+the API uses to forward requests and the reader processes to relay reads straight to the owner's
+read port.
 """
 
 from __future__ import annotations
@@ -28,13 +30,19 @@ class CopartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
 
     name = "cp-copartitioned"
 
-    def __init__(self, url: str, held: Callable[[], Iterable[int]]) -> None:
+    def __init__(self, url: str, held: Callable[[], Iterable[int]], read_url: str = "") -> None:
         self.url = url
         self.held = held
+        self.read_url = read_url
         self.owners: dict[int, str] = {}
+        #: partition -> its owner's read port URL, for owners that have one.
+        self.readers: dict[int, str] = {}
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        user_data = orjson.dumps({"url": self.url, "held": sorted(self.held())})
+        member: dict[str, Any] = {"url": self.url, "held": sorted(self.held())}
+        if self.read_url:
+            member["read"] = self.read_url
+        user_data = orjson.dumps(member)
         return ConsumerProtocolMemberMetadata(VERSION, sorted(topics), user_data)
 
     def assign(
@@ -57,7 +65,18 @@ class CopartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             {m: [int(p) for p in info[m].get("held", [])] for m in sorted(members)},
         )
         owners = {p: str(info[m].get("url", "")) for m, parts in plan.items() for p in parts}
-        user_data = orjson.dumps({"owners": {str(p): url for p, url in sorted(owners.items())}})
+        readers = {
+            p: str(info[m]["read"])
+            for m, parts in plan.items()
+            if info[m].get("read")
+            for p in parts
+        }
+        user_data = orjson.dumps(
+            {
+                "owners": {str(p): url for p, url in sorted(owners.items())},
+                "readers": {str(p): url for p, url in sorted(readers.items())},
+            }
+        )
         result = {}
         for member_id, parts in plan.items():
             subscribed = sorted(members[member_id].subscription)
@@ -72,8 +91,9 @@ class CopartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         try:
             data = orjson.loads(assignment.user_data or b"{}")
             self.owners = {int(p): str(url) for p, url in data.get("owners", {}).items()}
+            self.readers = {int(p): str(url) for p, url in data.get("readers", {}).items()}
         except (orjson.JSONDecodeError, AttributeError, ValueError):
-            self.owners = {}
+            self.owners, self.readers = {}, {}
 
 
 def plan_assignment(partitions: list[int], held: Mapping[str, list[int]]) -> dict[str, list[int]]:

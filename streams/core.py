@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 import traceback
@@ -24,7 +23,6 @@ from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 from opentelemetry.trace import SpanKind
 
@@ -42,6 +40,7 @@ from streams.lease import MembershipLease
 from streams.metrics import Metrics
 from streams.pacing import FetchPacer
 from streams.partition import Partition, ViewCache
+from streams.placement import partition_for
 from streams.runtime import Runtime, report_providers
 from streams.settings import Settings
 from streams.topology import MissingDispatchTopics
@@ -82,12 +81,6 @@ TIMERS_PER_TURN = 2000
 
 #: Records applied between two looks at the clock (see `JobCore.turn_slice_s`).
 TURN_CHUNK = 16
-
-
-@functools.lru_cache(maxsize=65536)
-def partition_for(job_id: str, partitions: int) -> int:
-    """The job's partition: murmur2 of its id, as the Java client and aiokafka compute it."""
-    return int(murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 class RecordTooLarge(ValueError):
@@ -166,7 +159,9 @@ class JobCore:
         self.waiters: dict[str, asyncio.Event] = {}
         self.commits: dict[int, asyncio.Task[None]] = {}
         self.failed: set[int] = set()
-        self.assignor = CopartitionedAssignor(url, lambda: sorted(self.parts))
+        self.assignor = CopartitionedAssignor(
+            url, lambda: sorted(self.parts), read_url=settings.read_url
+        )
         #: Renewed by the group coordinator; while it has lapsed, nothing held here is answered
         #: for (another worker may own it by now).
         self.lease = MembershipLease(settings.broker_session_timeout_s)
@@ -1046,6 +1041,8 @@ class JobCore:
                 self.loading.add_done_callback(self._loaded)
             self._reset_in_flight()
             self.lease.applied(generation)
+            if self.view_listener is not None:
+                self.view_listener.placed(self.partitions, dict(self.assignor.readers))
 
     def _cancel_loading(self) -> None:
         if self.loading is not None and not self.loading.done():
@@ -1151,6 +1148,8 @@ class ViewListener(Protocol):
 
     def changed(self, job_id: str) -> None: ...
     def reset(self) -> None: ...
+    def placed(self, partitions: int, readers: dict[int, str]) -> None:
+        """After each assignment: the read URL of every partition's owner that has one."""
 
 
 async def restore(

@@ -101,7 +101,8 @@ class Metrics:
         self.reader_reads = Counter(
             "cp_reader_reads",
             "Requests on the read port (CP_READ_PORT) by what its readers did: served from a view "
-            "they held, served after asking the worker for it, or relayed to the worker",
+            "they held, served after asking the worker for it, passed to the read port of the "
+            "job's owner, or relayed to the worker",
             ["outcome"],
             registry=registry,
         )

@@ -43,7 +43,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 
 from streams.admin import _admin
-from streams.core import changelog_reader, partition_for
+from streams.core import changelog_reader
+from streams.placement import partition_for
 from streams.settings import Settings, get_settings
 from streams.topology import catalogue_topology
 from tables.exceptions import StateCorrupted

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 
 class Settings(BaseSettings):
@@ -122,6 +123,14 @@ class Settings(BaseSettings):
     def canonical_url(self) -> str:
         """The URL other workers use to reach this one's web views."""
         return self.web_advertised_url or f"http://{self.web_host}:{self.web_port}"
+
+    @property
+    def read_url(self) -> str:
+        """The URL other workers' readers use to reach this one's read port ("" without one):
+        the host of `canonical_url`, the read port."""
+        if not self.read_port:
+            return ""
+        return str(URL(self.canonical_url).with_port(self.read_port).origin())
 
 
 def local_url(host: str, port: int) -> str:

@@ -30,9 +30,10 @@ from domain.commands import Command
 from domain.ids import job_id_for
 from domain.job import Job
 from domain.messages import DeadLetter, ProviderResult
-from streams.core import JobCore, partition_for
+from streams.core import JobCore
 from streams.metrics import Metrics
 from streams.partition import Partition
+from streams.placement import partition_for
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.topology import catalogue_topology

@@ -30,8 +30,9 @@ class ApiStack:
     stack: Stack
     cp1: str
     cp2: str
-    #: cp-1's read port (`CP_READ_PORT`), answered by its reader processes ("" when none).
+    #: cp-1's and cp-2's read ports (`CP_READ_PORT`), answered by their reader processes.
     read1: str = ""
+    read2: str = ""
 
     @property
     def urls(self) -> tuple[str, str]:
@@ -62,14 +63,20 @@ def start_api_stack(bootstrap: str, run_id: str, root: Path) -> ApiStack:
     stack.env["CP_MAX_REQUEST_BYTES"] = str(MAX_REQUEST_BYTES)
     try:
         stack.start_providers()
-        read_port = free_port()
-        cp1 = stack.start_cp("cp-1", free_port(), env={"CP_READ_PORT": str(read_port)})
-        cp2 = stack.start_cp("cp-2", free_port())
+        read1, read2 = free_port(), free_port()
+        cp1 = stack.start_cp("cp-1", free_port(), env={"CP_READ_PORT": str(read1)})
+        cp2 = stack.start_cp("cp-2", free_port(), env={"CP_READ_PORT": str(read2)})
         wait_split((cp1.url, cp2.url))
     except BaseException:
         stack.stop()
         raise
-    return ApiStack(stack=stack, cp1=cp1.url, cp2=cp2.url, read1=f"http://127.0.0.1:{read_port}")
+    return ApiStack(
+        stack=stack,
+        cp1=cp1.url,
+        cp2=cp2.url,
+        read1=f"http://127.0.0.1:{read1}",
+        read2=f"http://127.0.0.1:{read2}",
+    )
 
 
 @pytest.fixture(scope="package")

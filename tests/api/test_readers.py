@@ -1,10 +1,10 @@
-"""cp-1's read port (`CP_READ_PORT`): its reader answers `GET /jobs/{id}` as the worker does.
+"""The read ports (`CP_READ_PORT`): a reader answers `GET /jobs/{id}` as the worker does.
 
-On the API stack (two control-plane workers, cp-1 with a read port): a read of one of cp-1's jobs
-is served by the reader from the status view the job core handed it (no `Via` header), with the
-same body as the worker's, and follows the job through its states; everything else is relayed to
-cp-1 (marked `Via`), which forwards it to the owner when the job is cp-2's. A reader killed is
-started again by its worker.
+On the API stack (two control-plane workers, each with a read port): a read of one of cp-1's jobs
+is served by cp-1's reader from the status view the job core handed it (no `Via` header), with
+the same body as the worker's, and follows the job through its states; a read of one of cp-2's
+jobs on cp-1's read port goes straight to cp-2's read port (marked `Via`), once; everything else
+is relayed to cp-1 (marked `Via`). A reader killed is started again by its worker.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from domain.ids import job_id_for
-from streams.core import partition_for
+from streams.placement import partition_for
 from tests.api.conftest import ApiStack, bearer, create, get_json, job_request
 from tests.support.workers import child_pids, http_get
 
@@ -58,15 +58,26 @@ def without_link(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "links": links}
 
 
-async def expect_counted(http: aiohttp.ClientSession, api: ApiStack, outcome: str) -> None:
-    """cp-1's /metrics shows read-port requests of that outcome (readers report once a second)."""
+def reads_counted(text: str, outcome: str) -> float:
     pattern = re.compile(rf'^cp_reader_reads_total{{outcome="{outcome}"}} ([\d.e+]+)$', re.M)
+    found = pattern.search(text)
+    return float(found[1]) if found else 0.0
+
+
+async def counted(http: aiohttp.ClientSession, worker: str, outcome: str) -> float:
+    async with http.get(worker + "/metrics") as response:
+        return reads_counted(await response.text(), outcome)
+
+
+async def expect_counted(
+    http: aiohttp.ClientSession, api: ApiStack, outcome: str, *, above: float = 0, worker: str = ""
+) -> None:
+    """The worker's (cp-1's) /metrics counts more than `above` read-port requests of that
+    outcome (readers report once a second)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
     while loop.time() < deadline:
-        async with http.get(api.cp1 + "/metrics") as response:
-            found = pattern.search(await response.text())
-        if found and float(found[1]) > 0:
+        if await counted(http, worker or api.cp1, outcome) > above:
             return
         await asyncio.sleep(0.3)
     raise AssertionError(f"cp_reader_reads_total{{outcome={outcome!r}}} never counted")
@@ -97,14 +108,36 @@ async def test_a_read_of_a_job_held_here_is_served_by_the_reader_as_the_worker_a
         assert page.headers["Via"]
 
 
-async def test_a_job_of_the_other_worker_is_relayed_and_answered_by_its_owner(
+async def test_a_job_of_the_other_worker_goes_straight_to_its_read_port(
     http: aiohttp.ClientSession, api_stack: ApiStack
 ) -> None:
     job_id = await finished(http, api_stack, request_id_on(cp1_partitions(api_stack), inside=False))
+    passed = await counted(http, api_stack.cp1, "passed")
+    answered = sum([await counted(http, api_stack.cp2, o) for o in ("asked", "served")])
     status, body, via = await fetch(http, f"{api_stack.read1}/jobs/{job_id}")
     assert (status, body["state"]) == (200, "COMPLETED")
-    assert via, "relayed to cp-1, which forwards to cp-2"
-    await expect_counted(http, api_stack, "relayed")
+    assert via == "1.1 cp-reader", "passed on by cp-1's reader, served by cp-2's"
+    by_owner = await fetch(http, f"{api_stack.cp2}/jobs/{job_id}")
+    assert without_link(body) == without_link(by_owner[1])
+    await expect_counted(http, api_stack, "passed", above=passed)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while sum([await counted(http, api_stack.cp2, o) for o in ("asked", "served")]) <= answered:
+        assert loop.time() < deadline, "cp-2's readers never answered it"
+        await asyncio.sleep(0.3)
+
+
+async def test_a_read_a_reader_relayed_is_not_passed_on_again(
+    http: aiohttp.ClientSession, api_stack: ApiStack
+) -> None:
+    """A read marked by a reader goes to the worker (which forwards it to the owner): readers
+    whose placements disagree for a moment cannot pass a read back and forth."""
+    job_id = await finished(http, api_stack, request_id_on(cp1_partitions(api_stack), inside=False))
+    relayed = await counted(http, api_stack.cp1, "relayed")
+    headers = {**bearer("key-a"), "Via": "1.1 cp-reader"}
+    async with http.get(f"{api_stack.read1}/jobs/{job_id}", headers=headers) as response:
+        assert response.status == 200 and (await response.json())["state"] == "COMPLETED"
+    await expect_counted(http, api_stack, "relayed", above=relayed)
 
 
 async def test_the_view_follows_the_job_through_its_states(

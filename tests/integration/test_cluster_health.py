@@ -23,7 +23,7 @@ import yaml
 
 from domain.ids import job_id_for
 from domain.messages import HealthRecord
-from streams.core import partition_for
+from streams.placement import partition_for
 from tests.api.conftest import wait_split
 from tests.support.stack import Stack, TopicReader, new_stack
 from tests.support.workers import Worker, free_port, http_get

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from domain.ids import job_id_for
-from streams.core import partition_for
+from streams.placement import partition_for
 from tests.api.conftest import wait_split
 from tests.support.stack import Stack, TopicReader, new_stack, produce
 from tests.support.workers import Worker, free_port, wait_for

@@ -29,7 +29,7 @@ from domain.decide import decide
 from domain.ids import job_id_for
 from domain.job import Job
 from domain.messages import JobRequest, ProviderResult
-from streams.core import partition_for
+from streams.placement import partition_for
 from streams.runtime import Runtime
 from tables.jobs import REQUEST, ROW, encode_request, encode_row, key, row_headers
 from tests.support.stack import Stack, new_stack

@@ -25,10 +25,23 @@ from aiohttp import web
 from api.links import LinkSigner
 from api.reader import LEASE_S, REPORT_S, VIA, Views
 from api.readframes import MAX_FRAME, frame, read_frame
+from streams.placement import partition_for
 from streams.settings import Settings
 from tests.support.workers import free_port
 
 KEY, TENANT = "key-r", "tenant-r"
+
+
+PARTITIONS = 8
+
+
+def job_on(partition: int) -> str:
+    """A job id that `streams.placement` puts on `partition` of PARTITIONS."""
+    return next(
+        job_id
+        for n in range(10_000)
+        if partition_for(job_id := f"job-p{n}", PARTITIONS) == partition
+    )
 
 
 def view_of(job_id: str, state: str) -> tuple[str, str, str]:
@@ -189,6 +202,57 @@ async def test_forwards_what_it_cannot_serve(rig: Rig) -> None:
     assert rig.forwarded == ["/jobs/elsewhere", "/jobs/job-3?wait=5", "/jobs/job-3/timeline"]
     await asyncio.sleep(REPORT_S + 0.3)
     assert rig.hub.counts == {"relayed": 3}  # the 401 is refused, not relayed
+
+
+async def read_with(url: str, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, headers={"Authorization": f"Bearer {KEY}", **headers}) as response,
+    ):
+        return response.status, await response.read(), response.headers.get("Via")
+
+
+async def test_a_job_placed_on_another_worker_goes_to_its_read_port(rig: Rig) -> None:
+    """Once, marked `Via`; a read already marked goes to the worker; a read port that refuses
+    the connection (its worker stopped) is passed over for the worker."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def peer_answer(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers.get("Via")))
+        return web.json_response({"from": "peer"})
+
+    peer = web.Application()
+    peer.router.add_get("/{tail:.*}", peer_answer)
+    runner = web.AppRunner(peer)
+    await runner.setup()
+    peer_port, closed_port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", peer_port).start()
+    try:
+        there = job_on(3)
+        gone = job_on(5)
+        rig.hub.send(
+            "o",
+            PARTITIONS,
+            {"3": f"http://127.0.0.1:{peer_port}", "5": f"http://127.0.0.1:{closed_port}"},
+        )
+        await asyncio.sleep(0.2)
+        status, body, via = await read(f"{rig.url}/jobs/{there}")
+        assert (status, orjson.loads(body), via) == (200, {"from": "peer"}, VIA)
+        assert seen == [(f"/jobs/{there}", VIA)]
+        assert rig.hub.asked == [] and rig.forwarded == []
+
+        status, _, via = await read_with(f"{rig.url}/jobs/{there}", {"Via": "1.0 proxy, " + VIA})
+        assert (status, via) == (404, VIA)  # the worker's answer, not the peer's
+        assert rig.forwarded == [f"/jobs/{there}"]
+
+        status, _, via = await read(f"{rig.url}/jobs/{gone}")
+        assert (status, via) == (404, VIA)
+        assert rig.forwarded == [f"/jobs/{there}", f"/jobs/{gone}"]
+        assert len(seen) == 1
+        await asyncio.sleep(REPORT_S + 0.3)
+        assert rig.hub.counts == {"passed": 1, "relayed": 2}
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_quiet_worker_is_not_answered_for(rig: Rig) -> None:
