@@ -1,8 +1,8 @@
 """Measure `GET /jobs/{id}` under load; print and record one section.
 
-It starts its own stack (two control-plane workers splitting the partitions, cp-1 with a read port
-and `--readers` reader processes, and the provider worker), finishes `--jobs` jobs, measures the
-200 B burst rate of this stack, then reads cp-1's jobs for `--seconds` per row:
+It starts its own stack (two control-plane workers splitting the partitions, each with a read
+port and `--readers` reader processes, and the provider worker), finishes `--jobs` jobs,
+measures the 200 B burst rate of this stack, then reads cp-1's jobs for `--seconds` per row:
 
 - with wrk (closed loop, `--connections` connections, one thread): the most a server answers;
   its latency there is connections / throughput (32 connections at 5,000 req/s: 6.4 ms);
@@ -11,7 +11,8 @@ and `--readers` reader processes, and the provider worker), finishes `--jobs` jo
 
 against the owning worker's own port, idle and while jobs are ingested at half the measured burst
 rate (a lean producer, open loop); the non-owning worker (each read forwarded to the owner); and
-the owner's read port (`CP_READ_PORT`, `api.reader`).
+the owner's read port (`CP_READ_PORT`, `api.reader`), and the non-owner's, which passes each
+read to the owner's read port.
 
 Each row reports requests/s and latency percentiles, the CPU-seconds the answering
 control-plane worker (with its reader processes) used per 1,000 reads, and, while ingesting, the
@@ -269,6 +270,7 @@ async def measure(
     mine, theirs = owner.process.pid, other.process.pid
     at = f"{args.offered:,.0f}/s offered"
     reader = f"http://127.0.0.1:{args.read_port}"
+    their_reader = f"http://127.0.0.1:{args.other_read_port}"
     # (label, url, pid whose CPU is counted, ingesting, tool)
     plan: list[tuple[str, str, int, bool, Callable[..., Awaitable[Reads]]]] = []
     if args.rows == "all":
@@ -286,6 +288,14 @@ async def measure(
         plan += [
             ("owner's reader, idle", reader, mine, False, wrk),
             ("owner's reader, ingesting", reader, mine, True, wrk),
+            ("non-owner's reader (passes to the owner's), idle", their_reader, theirs, False, wrk),
+            (
+                "non-owner's reader (passes to the owner's), ingesting",
+                their_reader,
+                theirs,
+                True,
+                wrk,
+            ),
         ]
         if args.offered:
             plan += [
@@ -350,12 +360,18 @@ def main() -> None:
         try:
             stack.start_providers()
             args.read_port = free_port() if args.readers else 0
+            args.other_read_port = free_port() if args.readers else 0
+            readers = str(args.readers or 1)
             owner = stack.start_cp(
                 "cp-1",
                 free_port(),
-                env={"CP_READ_PORT": str(args.read_port), "CP_READERS": str(args.readers or 1)},
+                env={"CP_READ_PORT": str(args.read_port), "CP_READERS": readers},
             )
-            other = stack.start_cp("cp-2", free_port())
+            other = stack.start_cp(
+                "cp-2",
+                free_port(),
+                env={"CP_READ_PORT": str(args.other_read_port), "CP_READERS": readers},
+            )
             wait_ready([owner.url, other.url])
             asyncio.run(
                 fill(
@@ -382,8 +398,9 @@ def main() -> None:
         f"## Reads, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (`python -m bench.reads`)",
         "",
         f"Commit `{git_commit()}`; `GET /jobs/{{id}}` over {len(ids)} finished jobs of cp-1 "
-        f"(two control-plane workers; cp-1 with a read port and {args.readers} reader "
-        f"process(es)), {args.connections} connections and {args.seconds:g} s per row: wrk, 1 "
+        f"(two control-plane workers, each with a read port and {args.readers} reader "
+        f"process(es); the non-owner's CPU is cp-2's and its readers'), "
+        f"{args.connections} connections and {args.seconds:g} s per row: wrk, 1 "
         "thread (closed loop), or, in the offered rows, bench/OpenLoop.java (open loop, "
         "latency timed from when each request was due), on the same 2 cores as the broker and "
         "the workers. "
