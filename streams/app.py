@@ -70,6 +70,10 @@ settings = get_settings()
 setup_tracing("control-plane")
 topology = catalogue_topology(settings.topics_file, settings.catalogue_file)
 app = create_app(settings, topology)
+# The job core consumes with a consumer of its own (streams.core). faust's would subscribe to no
+# topic yet join a group of its own and poll and heartbeat in a thread of its own: ~3.7 ms of CPU
+# per idle second of every worker (bench/results.md). faust's producer and web server stay.
+app.boot_strategy = app.BootStrategy(app, enable_kafka_consumer=False)
 runtime = Runtime.load(settings)
 topics = Topics.declare(app, settings, topology)
 registry = CollectorRegistry()

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from domain.ids import job_id_for
@@ -874,3 +875,19 @@ async def test_every_timestamp_is_rfc3339_utc_with_z(
             stamps.extend(body["transitions"].values())
     assert len(stamps) > 10
     assert all(stamp.endswith("Z") and "+00:00" not in stamp for stamp in stamps), stamps
+
+
+async def test_the_control_plane_joins_no_consumer_group_but_the_job_cores(
+    api_stack: ApiStack,
+) -> None:
+    """faust's own consumer is not started (streams.app): it subscribed to nothing, yet joined a
+    group named after the app and heartbeat in a thread of its own."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=api_stack.stack.bootstrap)
+    await admin.start()
+    try:
+        groups = {group for group, _ in await admin.list_consumer_groups()}
+    finally:
+        await admin.close()
+    app_id = api_stack.stack.env["CP_APP_ID"]
+    assert app_id not in groups, "faust's consumer joined its group"
+    assert any(group.endswith(f"{app_id}-core") for group in groups), groups
