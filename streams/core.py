@@ -63,6 +63,8 @@ from tables.store import open_store
 
 log = logging.getLogger(__name__)
 
+#: Longest gather window `CP_FETCH_GATHER_PER_WORKER` sets (as `CP_FETCH_GATHER_MS` allows).
+MAX_GATHER_MS = 1000
 #: How long an attempt timeout waits for answers already on cp.results but not read yet.
 RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
 RESULTS_GATE_MAX = timedelta(seconds=10)
@@ -165,6 +167,8 @@ class JobCore:
         #: Renewed by the group coordinator; while it has lapsed, nothing held here is answered
         #: for (another worker may own it by now).
         self.lease = MembershipLease(settings.broker_session_timeout_s)
+        #: Paces the consumer's fetches (set when the loop starts).
+        self.pacer: FetchPacer | None = None
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task[None] | None = None
@@ -276,7 +280,8 @@ class JobCore:
         """
         assert self.consumer is not None
         idle_ms = int(self.settings.timer_interval_s * 1000)
-        pacer = FetchPacer.of(self.consumer, self.settings)
+        pacer = self.pacer = FetchPacer.of(self.consumer, self.settings)
+        self._pace_to_group()
         while not self.stopping:
             if self._ready_work():
                 timeout = 0
@@ -1041,8 +1046,16 @@ class JobCore:
                 self.loading.add_done_callback(self._loaded)
             self._reset_in_flight()
             self.lease.applied(generation)
+            self._pace_to_group()
             if self.view_listener is not None:
                 self.view_listener.placed(self.partitions, dict(self.assignor.readers))
+
+    def _pace_to_group(self) -> None:
+        """With `CP_FETCH_GATHER_PER_WORKER`: gather for the base window times the workers."""
+        if self.pacer is None or not self.settings.fetch_gather_per_worker:
+            return
+        workers = max(1, len(set(self.assignor.owners.values())))
+        self.pacer.set_gather(min(MAX_GATHER_MS, self.settings.fetch_gather_ms * workers))
 
     def _cancel_loading(self) -> None:
         if self.loading is not None and not self.loading.done():

@@ -42,13 +42,13 @@ class FetchPacer:
     ) -> None:
         self.consumer = consumer
         self.idle_wait_ms = idle_wait_ms
-        self.gather_ms = gather_ms
-        #: Records per second from which a gather window holds RECORDS_PER_GATHER records.
-        self.threshold = RECORDS_PER_GATHER * 1000 / gather_ms if gather_ms else float("inf")
         self.clock = clock
         self.since = clock()
         self.records = 0
         self.gathering = False
+        self.gather_ms = 0
+        self.threshold = float("inf")
+        self.set_gather(gather_ms)
 
     @classmethod
     def of(cls, consumer: Any, settings: Settings) -> FetchPacer:
@@ -57,6 +57,15 @@ class FetchPacer:
         return cls(
             consumer, idle_wait_ms=settings.fetch_max_wait_ms, gather_ms=settings.fetch_gather_ms
         )
+
+    def set_gather(self, gather_ms: int) -> None:
+        """Gather for `gather_ms` from the next fetch on (when gathering)."""
+        self.gather_ms = gather_ms
+        #: Records per second from which a gather window holds RECORDS_PER_GATHER records.
+        self.threshold = RECORDS_PER_GATHER * 1000 / gather_ms if gather_ms else float("inf")
+        if self.gathering:
+            self.gathering = bool(gather_ms)
+            self.apply()
 
     def observe(self, records: int) -> None:
         """Count what a poll brought; every WINDOW_S, choose how the next fetches wait."""

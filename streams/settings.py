@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     #: a quiet consumer keeps answering at once (`streams.pacing`). At 150 jobs/s, 40 ms cut
     #: the CPU per job by ~40% at the same latency (bench/results.md, "the gather A/B").
     fetch_gather_ms: int = Field(default=40, ge=0, le=1000)
+    #: The job core gathers for `fetch_gather_ms` times the control-plane workers in its group (at
+    #: most 1,000 ms), set again at every assignment: the cluster then makes as many fetch
+    #: cycles and transactions per second as one worker, and CPU per job stays flat as workers
+    #: are added at a fixed rate, for a longer wait on each hop (bench/results.md, "gather").
+    fetch_gather_per_worker: bool = False
     #: Longest the job core applies records before it lets the event loop serve HTTP (ms).
     core_turn_slice_ms: float = 2
     #: Rendered status views (GET /jobs/{id}) a worker keeps, split evenly over its partitions.

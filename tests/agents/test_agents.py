@@ -38,6 +38,7 @@ from domain.messages import (
     RawProviderError,
 )
 from streams.core import MAX_RECORD_BYTES, RESULTS_GATE_MAX, RESULTS_GATE_RECHECK, CoreNotReady
+from streams.pacing import FetchPacer
 from streams.partition import Partition
 from streams.topology import MissingDispatchTopics
 from streams.tracing import trace_id, valid_traceparent
@@ -1410,3 +1411,23 @@ async def test_a_provider_not_routed_to_may_lack_its_topic(driver: Driver) -> No
     driver.core.check_dispatch_topics(existing)
     assert set(driver.core.undeliverable) == {"openai", "anthropic"}
     assert "make topics" in driver.core.undeliverable["openai"]
+
+
+async def test_with_gathering_per_worker_the_window_follows_the_group(driver: Driver) -> None:
+    """CP_FETCH_GATHER_PER_WORKER: the base window times the workers of the last assignment,
+    at most 1,000 ms; without it the window stays the base one."""
+    core = driver.core
+    base = core.settings.fetch_gather_ms
+    core.pacer = FetchPacer(driver.consumer, idle_wait_ms=100, gather_ms=base)
+    core.assignor.owners = {0: "http://a", 1: "http://b", 2: "http://b", 3: "http://c"}
+    core._pace_to_group()
+    assert core.pacer.gather_ms == base  # off by default
+    core.settings = core.settings.model_copy(update={"fetch_gather_per_worker": True})
+    core._pace_to_group()
+    assert core.pacer.gather_ms == base * 3
+    core.assignor.owners = {n: f"http://w{n}" for n in range(40)}
+    core._pace_to_group()
+    assert core.pacer.gather_ms == streams.core.MAX_GATHER_MS
+    core.assignor.owners = {}
+    core._pace_to_group()
+    assert core.pacer.gather_ms == base  # no assignment yet: one worker

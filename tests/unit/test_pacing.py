@@ -96,3 +96,24 @@ def test_setting_default_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_workers_pacer_takes_both_waits_from_the_settings() -> None:
     pacer = FetchPacer.of(consumer(), Settings(fetch_max_wait_ms=250, fetch_gather_ms=60))
     assert (pacer.idle_wait_ms, pacer.gather_ms) == (250, 60)
+
+
+def test_a_new_gather_window_applies_at_once_while_gathering() -> None:
+    clock, c = Clock(), consumer()
+    pacer = FetchPacer(c, idle_wait_ms=100, gather_ms=40, clock=clock)
+    pacer.set_gather(160)
+    assert pacer.threshold == 12.5 and not pacer.gathering
+    assert c._fetcher._fetch_max_wait_ms == 100  # quiet: still answering at once
+    run(pacer, clock, 300, 2)
+    assert (c._fetcher._fetch_min_bytes, c._fetcher._fetch_max_wait_ms) == (GATHER_MIN_BYTES, 160)
+    pacer.set_gather(80)
+    assert c._fetcher._fetch_max_wait_ms == 80
+    pacer.set_gather(0)
+    assert not pacer.gathering
+    assert (c._fetcher._fetch_min_bytes, c._fetcher._fetch_max_wait_ms) == (1, 100)
+
+
+def test_gathering_per_worker_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().fetch_gather_per_worker is False
+    monkeypatch.setenv("CP_FETCH_GATHER_PER_WORKER", "true")
+    assert Settings().fetch_gather_per_worker is True
