@@ -169,6 +169,10 @@ class JobCore:
         self.lease = MembershipLease(settings.broker_session_timeout_s)
         #: Paces the consumer's fetches (set when the loop starts).
         self.pacer: FetchPacer | None = None
+        #: From a revocation until the next assignment is applied: no step is applied. What was
+        #: applied committed at the revocation; a step now (a timer) would be read over HTTP and
+        #: then aborted with its partition if the partition moves, and its job go back.
+        self.revoked = False
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task[None] | None = None
@@ -306,6 +310,8 @@ class JobCore:
         for number in list(self.failed):
             self.failed.discard(number)
             await self._fail(number)
+        if self.revoked:
+            return  # records of this batch are fetched again from the positions kept with state
         # Applying is synchronous: every slice of it, the loop answers HTTP (reads, long-polls).
         slice_s = self.turn_slice_s
         until = time.perf_counter() + slice_s
@@ -782,6 +788,8 @@ class JobCore:
     # -- timers and retention --------------------------------------------------------------------
 
     def _fire_timers(self, now: datetime) -> None:
+        if self.revoked:
+            return
         budget = TIMERS_PER_TURN
         for number, part in self.parts.items():
             txn = self.txns.get(number)
@@ -1016,6 +1024,7 @@ class JobCore:
         self._cancel_loading()
         async with self.lock:
             await self._commit_all()
+            self.revoked = True
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Keep what was held without a gap; fence and rebuild the rest, off the rebalance path.
@@ -1047,6 +1056,7 @@ class JobCore:
             self._reset_in_flight()
             self.lease.applied(generation)
             self._pace_to_group()
+            self.revoked = False
             if self.view_listener is not None:
                 self.view_listener.placed(self.partitions, dict(self.assignor.readers))
 

@@ -1431,3 +1431,24 @@ async def test_with_gathering_per_worker_the_window_follows_the_group(driver: Dr
     core.assignor.owners = {}
     core._pace_to_group()
     assert core.pacer.gather_ms == base  # no assignment yet: one worker
+
+
+async def test_no_step_is_applied_between_a_revocation_and_the_next_assignment(
+    driver: Driver,
+) -> None:
+    """What was applied commits at the revocation; a timer step after it would be read over
+    HTTP and then aborted with its partition if the partition moved (zombie-reads caught one)."""
+    job = await driver.create("r-revoked")
+    attempt = job.current
+    assert attempt is not None
+    driver.consumer.highwaters[driver.partition_of(job.job_id)] = 0
+    await driver.core.on_revoked()
+    assert driver.core.revoked
+    driver.core._fire_timers(attempt.expires_at)
+    await driver.core._turn({})
+    held = driver.job(job.job_id)
+    assert held is not None and held.status is JobStatus.DISPATCHED, "a timer fired mid-rebalance"
+    driver.core.revoked = False  # as on_assigned leaves it
+    driver.core._fire_timers(attempt.expires_at)
+    retrying = driver.job(job.job_id)
+    assert retrying is not None and retrying.status is JobStatus.RETRYING

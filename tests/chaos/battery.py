@@ -814,8 +814,11 @@ class ReadWatch:
     jobs in flight when a worker was paused), else any job of the run.
 
     An answer goes back when it shows a job less far along than an answer received before its
-    request was sent: each goes back is an anomaly. How the other answers came (served by a
-    reader, relayed with `Via`, refused, none within READ_TIMEOUT_S) is noted.
+    request was sent. It is an anomaly when that newer answer was committed (the job has an
+    event of that step on cp.events): a worker answered from what it held after another moved
+    the job on. When it was never committed (a step applied, read, then undone by the fault: the
+    README's "not promised"), it is noted. How the other answers came (served by a reader,
+    relayed with `Via`, refused, none within READ_TIMEOUT_S) is noted.
     """
 
     def __init__(self, run: Run) -> None:
@@ -830,7 +833,8 @@ class ReadWatch:
         self.seen: dict[str, tuple[datetime, int, int]] = {}
         self.focus: set[str] = set()
         self.answers: Counter[str] = Counter()
-        self.back: list[str] = []
+        #: (job, where, the newer answer's rank) of each answer that went back.
+        self.back: list[tuple[str, str, tuple[datetime, int, int]]] = []
         self.timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT_S)
         self._rng = random.Random(7)
         self._stop = asyncio.Event()
@@ -861,7 +865,7 @@ class ReadWatch:
             if rank is None:
                 continue
             if floor is not None and rank < floor:
-                self.back.append(f"{job_id} from {where}{' relayed' if via else ''}")
+                self.back.append((job_id, f"{where}{' relayed' if via else ''}", floor))
             current = self.seen.get(job_id)
             if current is None or rank > current:
                 self.seen[job_id] = rank
@@ -880,12 +884,26 @@ class ReadWatch:
             task.cancel()
 
     def report(self) -> None:
+        """After the drain: note the answers, count the reads that went back behind a commit."""
         answered = ", ".join(f"{what} x{n}" for what, n in sorted(self.answers.items()))
         self.run.note(f"status reads: {answered}")
+        timelines = self.run.timelines
+        timelines.refresh()
+        behind: list[str] = []
+        undone: list[str] = []
+        for job_id, where, newer in self.back:
+            committed = {datetime.fromisoformat(e["at"]) for e in timelines.by_job[job_id].values()}
+            (behind if newer[0] in committed else undone).append(f"{job_id} from {where}")
         self.run.anomaly(
-            len(self.back),
-            f"{len(self.back)} status reads went back: " + ", ".join(self.back[:3]),
+            len(behind),
+            f"{len(behind)} status reads went back behind a committed step: "
+            + ", ".join(behind[:3]),
         )
+        if undone:
+            self.run.note(
+                f"{len(undone)} status reads went back from a step the fault undid (applied, "
+                "read, never committed): " + ", ".join(undone[:3])
+            )
 
 
 async def failover_after_local_crash(battery: Battery) -> Row:
