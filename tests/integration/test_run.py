@@ -147,8 +147,12 @@ def test_demo_runs_end_to_end_twice(
             block = out.split(f"[{job.name}] ", 1)[1].split("\n[", 1)[0]
             assert re.search(rf"result\s+{job.expect}\s", block), (job.name, block)
         fallback = out.split("[fallback] ", 1)[1].split("\n[", 1)[0]
-        assert re.search(r"result\s+COMPLETED\s+provider sim-fast\s.*attempts 3", fallback)
-        assert "fallback" in fallback and "sim-cheap -> sim-fast" in fallback, fallback
+        assert re.search(r"result\s+COMPLETED\s+provider sim-fast\s", fallback), fallback
+        if attempt == 1:
+            assert re.search(r"attempts 3", fallback), fallback
+            assert "fallback" in fallback and "sim-cheap -> sim-fast" in fallback, fallback
+        # The second run replays the first's provider health (cp.health, same app id): sim-cheap's
+        # failures there may have opened its circuit, and the job then goes to sim-fast at once.
         assert all(gone(pid) for pid in pids), out
 
 
