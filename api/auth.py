@@ -49,8 +49,12 @@ class KeyRing:
 
 def authenticate(ring: KeyRing, request: web.BaseRequest) -> str:
     """Return the caller's tenant or raise 401; a key is only ever read from the header."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
+    return tenant_of(ring, request.headers.get("Authorization", ""))
+
+
+def tenant_of(ring: KeyRing, header: str | None) -> str:
+    """The tenant of an `Authorization` header's value (`Bearer <key>`), or raise 401."""
+    scheme, _, key = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         key = ""
     tenant = ring.tenant_for(key.strip()) if key.strip() else None

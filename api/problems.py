@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 PROBLEM_BASE = "https://prompt-gateway.dev/problems/"
+PROBLEM_TYPE = "application/problem+json"
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,23 @@ class Problem(Exception):
         self.headers = headers or {}
         self.extra = extra
 
+    def document(self) -> bytes:
+        """The problem document (RFC 9457), as JSON."""
+        return orjson.dumps(
+            {
+                "type": PROBLEM_BASE + self.kind,
+                "title": self.title,
+                "status": self.status,
+                "detail": self.detail,
+                **self.extra,
+            }
+        )
+
     def response(self) -> web.Response:
-        body = {
-            "type": PROBLEM_BASE + self.kind,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            **self.extra,
-        }
         return web.Response(
             status=self.status,
-            body=orjson.dumps(body),
-            content_type="application/problem+json",
+            body=self.document(),
+            content_type=PROBLEM_TYPE,
             headers=self.headers,
         )
 
@@ -55,6 +61,10 @@ class Problem(Exception):
 def not_found(job_id: str) -> Problem:
     # The same answer for a missing job and another tenant's job: ids are not enumerable.
     return Problem(404, "job-not-found", "Job not found", f"no job {job_id}")
+
+
+def too_large(limit: int) -> Problem:
+    return Problem(413, "request-too-large", "Request too large", f"the body is over {limit} bytes")
 
 
 def unavailable(reason: str, retry_after: int = 2) -> Problem:

@@ -26,20 +26,14 @@ from typing import Any
 
 import orjson
 import uvloop
-from aiohttp import (
-    ClientConnectorError,
-    ClientError,
-    ClientSession,
-    ClientTimeout,
-    TCPConnector,
-    web,
-)
+from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout, TCPConnector
 from yarl import URL
 
-from api.auth import KeyRing, authenticate
+from api.auth import KeyRing, tenant_of
 from api.links import LinkSigner
 from api.problems import Problem, unavailable
 from api.readframes import frame, read_frame
+from api.readhttp import ReadServer, Reply, Request, encode, encode_problem
 from streams.logs import configure_logging
 from streams.placement import partition_for
 from streams.settings import Settings, get_settings, local_url
@@ -60,6 +54,7 @@ _NOT_RELAYED = _HOP | {"date", "server"}
 View = tuple[str, bytes, bytes]
 #: Marks an answer the reader relayed from its worker (RFC 9110 `Via`); one it served has none.
 VIA = "1.1 cp-reader"
+JSON = (("Content-Type", "application/json"),)
 
 
 class Views:
@@ -153,41 +148,68 @@ class Reader:
         self.worker = URL(local_url(settings.web_host, settings.web_port))
         self.http: ClientSession | None = None
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Every request on the read port (aiohttp's low-level server: no router or middleware,
-        a third less CPU per read)."""
-        try:
-            path = request.path
-            if (
-                request.method == "GET"
-                and path.startswith("/jobs/")
-                and "/" not in path[6:]
-                and path != "/jobs/"
-                and not request.query_string
-                and self.views.fresh()
-            ):
-                return await self.job_status(request, path[6:])
-            return await self.forward(request)
-        except Problem as problem:
-            return problem.response()
-        except Exception:
-            log.exception("read failed", extra={"event": "reader.error", "path": request.path})
-            return Problem(500, "internal", "Internal error", "the reader failed").response()
+    def viewable(self, request: Request) -> str | None:
+        """The job id of a read this reader may answer from a view: `GET /jobs/{id}`, no
+        query, while the worker's lease holds."""
+        path = request.path
+        if (
+            request.method == "GET"
+            and path.startswith("/jobs/")
+            and len(path) > 6
+            and "/" not in path[6:]
+            and "%" not in path  # an escaped id: the worker decodes it
+            and not request.query
+            and self.views.fresh()
+        ):
+            return path[6:]
+        return None
 
-    async def job_status(self, request: web.BaseRequest, job_id: str) -> web.StreamResponse:
-        tenant = authenticate(self.keyring, request)
+    def answer_now(self, request: Request) -> bytes | None:
+        """A read of a view this reader holds, answered in the parser's callback; None for
+        anything that waits (a view to ask for, a relay)."""
+        job_id = self.viewable(request)
+        if job_id is None:
+            return None
+        try:
+            tenant = tenant_of(self.keyring, request.header("authorization"))
+        except Problem as problem:
+            return encode_problem(request, problem)
+        view = self.views.entries.get(job_id)
+        if view is None or view[0] != tenant:
+            return None
+        return self.served(request, job_id, view, "served")
+
+    async def answer(self, request: Request, reply: Reply) -> None:
+        try:
+            job_id = self.viewable(request)
+            if job_id is None:
+                await self.forward(request, reply)
+            else:
+                await self.job_status(request, reply, job_id)
+        except Problem as problem:
+            if reply.started:
+                raise
+            reply.send_problem(problem)
+
+    def served(self, request: Request, job_id: str, view: View, outcome: str) -> bytes:
+        self.views.counts[outcome] += 1
+        body = view[1] + self.link(job_id, view[0]) + view[2]
+        return encode(request, 200, JSON, body)
+
+    async def job_status(self, request: Request, reply: Reply, job_id: str) -> None:
+        tenant = tenant_of(self.keyring, request.header("authorization"))
         view = self.views.entries.get(job_id)
         outcome = "served"
         if view is None:
             peer = self.peer_for(job_id, request)
             if peer is not None:
-                return await self.forward(request, peer)
+                await self.forward(request, reply, peer)
+                return
             view, outcome = await self.views.ask(job_id), "asked"
         if view is None or view[0] != tenant:
-            return await self.forward(request)  # counted as relayed
-        self.views.counts[outcome] += 1
-        link = self.link(job_id, tenant)
-        return web.Response(body=view[1] + link + view[2], content_type="application/json")
+            await self.forward(request, reply)  # counted as relayed
+            return
+        reply.send_encoded(self.served(request, job_id, view, outcome))
 
     def link(self, job_id: str, tenant: str) -> bytes:
         exp = self.signer.expiry(time.time())
@@ -200,51 +222,49 @@ class Reader:
         self.links[job_id] = (exp, link)
         return link
 
-    def peer_for(self, job_id: str, request: web.BaseRequest) -> URL | None:
+    def peer_for(self, job_id: str, request: Request) -> URL | None:
         """The read port of the worker that owns the job's partition, when it is another one's
         and the request did not come from a reader already."""
-        if not self.views.partitions or VIA in request.headers.get("Via", ""):
+        if not self.views.partitions or VIA in (request.header("via") or ""):
             return None
         return self.views.elsewhere.get(partition_for(job_id, self.views.partitions))
 
-    async def forward(
-        self, request: web.BaseRequest, peer: URL | None = None
-    ) -> web.StreamResponse:
+    async def forward(self, request: Request, reply: Reply, peer: URL | None = None) -> None:
         """Relay the request to the worker (or to `peer`, another worker's read port) and its
         answer back, streamed as it comes. A peer that refuses the connection (its worker
         stopped) is passed over for the worker, which forwards to the partition's owner."""
         assert self.http is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        headers = [(k, v) for k, v in request.headers if k not in _HOP]
         if peer is not None:
-            headers["Via"] = ", ".join(v for v in (request.headers.get("Via"), VIA) if v)
-        body = await request.read()
+            headers.append(("via", ", ".join(v for v in (request.header("via"), VIA) if v)))
         try:
             async with self.http.request(
                 request.method,
-                (peer or self.worker).join(request.rel_url),
+                (peer or self.worker).join(URL(request.target, encoded=True)),
                 headers=headers,
-                data=body or None,
+                data=request.body or None,
                 timeout=ClientTimeout(total=FORWARD_TIMEOUT_S),
                 allow_redirects=False,
             ) as answer:
                 self.views.counts["passed" if peer is not None else "relayed"] += 1
-                response = web.StreamResponse(status=answer.status, reason=answer.reason)
-                for name, value in answer.headers.items():
-                    if name.lower() not in _NOT_RELAYED:
-                        response.headers.add(name, value)
-                response.headers.add("Via", VIA)
-                if answer.content_length is not None:
-                    response.content_length = answer.content_length
-                await response.prepare(request)
+                relayed = [
+                    (name, value)
+                    for name, value in answer.headers.items()
+                    if name.lower() not in _NOT_RELAYED
+                ]
+                relayed.append(("Via", VIA))
+                reply.start(answer.status, answer.reason, relayed, answer.content_length)
                 async for chunk in answer.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+                    await reply.write(chunk)
+                reply.end()
         except ClientConnectorError:
             if peer is not None:
-                return await self.forward(request)
+                await self.forward(request, reply)
+                return
             raise unavailable("the worker did not answer: ClientConnectorError") from None
         except (ClientError, TimeoutError) as exc:
+            if reply.started:
+                raise
             raise unavailable(f"the worker did not answer: {exc.__class__.__name__}") from None
 
     async def connect(self) -> asyncio.StreamReader:
@@ -269,10 +289,8 @@ class Reader:
             loop.add_signal_handler(sig, stop.set)
         stream = await self.connect()
         self.http = ClientSession(connector=TCPConnector(limit=256), auto_decompress=False)
-        runner = web.ServerRunner(web.Server(self.handle), handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.web_host, self.settings.read_port, reuse_port=True)
-        await site.start()
+        server = ReadServer(self, max_body=self.settings.max_request_bytes)
+        await server.start(self.settings.web_host, self.settings.read_port)
         log.info(
             "reader serving",
             extra={"event": "reader.started", "port": self.settings.read_port, "pid": os.getpid()},
@@ -291,7 +309,7 @@ class Reader:
             listening.cancel()
             reporting.cancel()
             stopping.cancel()
-            await runner.cleanup()
+            await server.stop()
             await self.http.close()
             if self.views.writer is not None:
                 self.views.writer.transport.abort()

@@ -27,7 +27,7 @@ from api.callbacks import check_callback
 from api.links import LinkExpired, LinkInvalid, LinkSigner
 from api.listing import list_jobs
 from api.openapi import openapi_document
-from api.problems import Problem, json_response, not_found, unavailable
+from api.problems import Problem, json_response, not_found, too_large, unavailable
 from api.render import accepted_body, events_body, status_body, timestamp
 from api.routing import forward, not_serving, owner
 from api.timeline import timeline_page
@@ -352,17 +352,13 @@ async def _submit(
 async def _read_body(request: web.Request) -> bytes:
     limit = settings.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     body = bytearray()
     async for chunk in request.content.iter_chunked(65536):
         body.extend(chunk)
         if len(body) > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
     return bytes(body)
-
-
-def _too_large(limit: int) -> Problem:
-    return Problem(413, "request-too-large", "Request too large", f"the body is over {limit} bytes")
 
 
 def _parse_request(body: bytes, tenant: str) -> JobRequest:

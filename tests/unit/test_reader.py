@@ -99,8 +99,19 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     server = await asyncio.start_unix_server(hub.serve, path=tmp_path / "read.sock")
     forwarded: list[str] = []
 
-    async def worker_answer(request: web.Request) -> web.Response:
+    async def worker_answer(request: web.Request) -> web.StreamResponse:
         forwarded.append(request.path_qs)
+        if request.path == "/echo":
+            body = (await request.read()).decode()
+            return web.json_response({"method": request.method, "body": body}, status=201)
+        if request.path == "/stream":  # an answer of unknown length, written as it comes
+            response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await response.prepare(request)
+            for part in (b"one,", b"two,", b"three"):
+                await response.write(part)
+                await asyncio.sleep(0.01)
+            await response.write_eof()
+            return response
         return web.json_response({"from": "worker", "path": request.path_qs}, status=404)
 
     worker = web.Application()
@@ -288,6 +299,131 @@ async def test_exits_when_the_worker_connection_ends(rig: Rig) -> None:
         writer.close()
         await writer.wait_closed()
     assert await asyncio.wait_for(rig.process.wait(), 10) == 0
+
+
+# -- HTTP on the read port (api.readhttp) --------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def answer_from(stream: asyncio.StreamReader, *, head: bool = False) -> Answer:
+    """One HTTP/1.1 answer off a raw connection: by length, chunked, or up to the close."""
+    lines = (await stream.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {
+        name.lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:] if line)
+    }
+    if head or status < 200 or status in (204, 304):
+        return Answer(status, headers, b"")
+    if "content-length" in headers:
+        return Answer(status, headers, await stream.readexactly(int(headers["content-length"])))
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int((await stream.readline()).strip(), 16):
+            body += (await stream.readexactly(size + 2))[:-2]
+        await stream.readline()
+        return Answer(status, headers, body)
+    return Answer(status, headers, await stream.read())
+
+
+async def raw(rig: Rig, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = rig.url.removeprefix("http://").split(":")
+    stream, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    return stream, writer
+
+
+def get(path: str, *extra: str, version: str = "1.1") -> bytes:
+    lines = [f"GET {path} HTTP/{version}", "Host: reader", f"Authorization: Bearer {KEY}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_pipelined_reads_are_answered_in_the_order_they_came(rig: Rig) -> None:
+    """A served read behind a relayed one waits for it: answers leave in request order."""
+    rig.hub.views["job-6"] = view_of("job-6", "STARTED")
+    await read(rig.url + "/jobs/job-6")  # held from now on
+    stream, writer = await raw(
+        rig, get("/jobs/job-6") + get("/jobs/elsewhere") + get("/jobs/job-6") + get("/echo")
+    )
+    try:
+        answers = [await answer_from(stream) for _ in range(4)]
+    finally:
+        writer.close()
+    assert [a.status for a in answers] == [200, 404, 200, 201]
+    assert orjson.loads(answers[0].body)["state"] == "STARTED"
+    assert orjson.loads(answers[1].body)["path"] == "/jobs/elsewhere"
+    assert answers[1].headers["via"] == VIA and "via" not in answers[2].headers
+    assert all("date" in a.headers for a in answers)
+    assert rig.forwarded == ["/jobs/elsewhere", "/echo"]
+
+
+async def test_bodies_are_relayed_whole_and_answers_streamed_as_they_come(rig: Rig) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(rig.url + "/echo", data=b"x" * 100_000) as response,
+    ):
+        assert response.status == 201
+        assert await response.json() == {"method": "POST", "body": "x" * 100_000}
+
+    stream, writer = await raw(rig, get("/stream"))  # HTTP/1.1: chunked, and kept alive
+    answer = await answer_from(stream)
+    assert answer.headers["transfer-encoding"] == "chunked"
+    assert answer.body == b"one,two,three"
+    writer.write(get("/stream", "Connection: close"))
+    assert (await answer_from(stream)).body == b"one,two,three"
+    assert await stream.read() == b""  # closed as asked
+    writer.close()
+
+    stream, writer = await raw(rig, get("/stream", version="1.0"))  # HTTP/1.0: up to the close
+    answer = await answer_from(stream)
+    assert "transfer-encoding" not in answer.headers and answer.headers["connection"] == "close"
+    assert answer.body == b"one,two,three"
+    writer.close()
+
+    stream, writer = await raw(rig, get("/jobs/elsewhere").replace(b"GET", b"HEAD", 1))
+    answer = await answer_from(stream, head=True)
+    assert answer.status == 404 and int(answer.headers["content-length"]) > 0
+    writer.write(get("/echo"))
+    assert (await answer_from(stream)).status == 201  # no body was sent for the HEAD
+    writer.close()
+
+
+async def test_what_is_not_a_read_it_can_take_gets_a_clear_answer(rig: Rig) -> None:
+    """Bytes that are not HTTP: 400 and a close. A body over the request limit: 413 before it
+    is sent. `Expect: 100-continue`: a 100, then the answer. An upgrade: answered, then closed."""
+    stream, writer = await raw(rig, b"\x16\x03\x01 not http\r\n\r\n")
+    answer = await answer_from(stream)
+    assert answer.status == 400 and answer.headers["content-type"] == "application/problem+json"
+    assert orjson.loads(answer.body)["type"].endswith("/bad-request")
+    assert await stream.read() == b""
+    writer.close()
+
+    too_big = get("/echo").replace(b"GET", b"POST", 1)[:-2] + b"Content-Length: 5000000\r\n\r\n"
+    stream, writer = await raw(rig, too_big)
+    answer = await answer_from(stream)
+    assert answer.status == 413 and orjson.loads(answer.body)["type"].endswith("/request-too-large")
+    assert await stream.read() == b""
+    writer.close()
+
+    head = get("/echo", "Expect: 100-continue", "Content-Length: 5").replace(b"GET", b"PUT", 1)
+    stream, writer = await raw(rig, head)
+    assert (await answer_from(stream)).status == 100
+    writer.write(b"hello")
+    answer = await answer_from(stream)
+    assert (answer.status, orjson.loads(answer.body)) == (201, {"method": "PUT", "body": "hello"})
+    writer.close()
+
+    stream, writer = await raw(rig, get("/echo", "Connection: Upgrade", "Upgrade: websocket"))
+    assert (await answer_from(stream)).status == 201
+    assert await stream.read() == b""
+    writer.close()
+    assert rig.process.returncode is None
 
 
 def test_views_follow_the_frames_in_order() -> None:
