@@ -4,8 +4,9 @@ header map of a web framework.
 
 aiohttp's server (its low-level `web.Server`, on uvloop) cost ~60 µs of CPU per request when
 requests arrive one at a time at 5,000/s; a protocol on httptools costs ~17 (bench/results.md,
-"Read port HTTP server"). The read port exists to answer that one read cheaply; everything else
-it is sent is relayed to a worker (`api.reader`), which this module lets a handler do in order:
+notes on the "Reads" runs of 2026-12-04 11:30-11:34). The read port exists to answer that one
+read cheaply; everything else it is sent is relayed to a worker (`api.reader`), which this
+module lets a handler do in order:
 
 - a request the handler cannot answer at once (`Handler.answer_now` returns None) goes to a task
   of its connection, and so does every request pipelined behind it: answers leave in the order
