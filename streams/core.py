@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -343,7 +344,13 @@ class JobCore:
 
     def serves(self, job_id: str) -> bool:
         """Whether this worker holds the job's partition and can still answer for it."""
-        return self.partition_of(job_id) in self.parts and self.lease.holds()
+        return self._answering(job_id) is not None
+
+    def _answering(self, job_id: str) -> Partition | None:
+        """The partition state holding the job here, while the membership lease holds: past
+        it, the partition may have moved to another worker."""
+        part = self.parts.get(self.partition_of(job_id))
+        return part if part is not None and self.lease.holds() else None
 
     def ready(self) -> tuple[bool, str]:
         if self.crashed is not None:
@@ -351,10 +358,11 @@ class JobCore:
         if not self.assigned:
             return False, "no partitions assigned"
         if not self.lease.holds():
+            unconfirmed = self.lease.lapsed_for() + self.lease.length
+            since = "yet" if math.isinf(unconfirmed) else f"for {unconfirmed:.1f} s"
             return False, (
-                "group membership not confirmed for "
-                f"{self.lease.lapsed_for() + self.lease.length:.1f} s: its partitions may "
-                "have moved to another worker"
+                f"group membership not confirmed {since}: its partitions may have moved to "
+                "another worker"
             )
         missing = self.assigned - set(self.parts)
         if missing:
@@ -364,8 +372,8 @@ class JobCore:
     def held(self, job_id: str) -> Partition:
         """The partition state holding the job here (raises CoreNotReady when it is not, or when
         the membership lease has lapsed)."""
-        part = self.parts.get(self.partition_of(job_id))
-        if part is None or not self.lease.holds():
+        part = self._answering(job_id)
+        if part is None:
             raise CoreNotReady(job_id)
         return part
 
@@ -374,8 +382,8 @@ class JobCore:
         return self.held(job_id).job(job_id)
 
     def retired(self, job_id: str) -> RetiredJob | None:
-        part = self.parts.get(self.partition_of(job_id))
-        return part.retired_job(job_id) if part is not None and self.lease.holds() else None
+        part = self._answering(job_id)
+        return part.retired_job(job_id) if part is not None else None
 
     async def wait_final(self, job_id: str, seconds: float) -> None:
         """Return when the job's final step committed here, when its partition left this worker,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -818,6 +819,30 @@ async def test_records_of_a_partition_not_held_here_are_left_alone(
     assert driver.pending() == [] and driver.core.txns[0].offsets == {}
     with pytest.raises(CoreNotReady):
         driver.core.job(job_id_for(TENANT, request_id))
+
+
+async def test_nothing_is_answered_for_past_the_membership_lease(driver: Driver) -> None:
+    """Past the lease a job held here is neither served nor read, and `/readyz` says why."""
+    job = await driver.create("r-lease")
+    core = driver.core
+    assert core.serves(job.job_id) and core.job(job.job_id) is not None
+    assert core.ready() == (True, "ready")
+
+    core.lease.until = time.monotonic() - 3.0  # lapsed 3 s ago
+    assert not core.serves(job.job_id)
+    with pytest.raises(CoreNotReady):
+        core.job(job.job_id)
+    assert core.retired(job.job_id) is None
+    ready, why = core.ready()
+    unconfirmed = 3.0 + core.lease.length
+    assert not ready
+    assert why.startswith(f"group membership not confirmed for {unconfirmed:.0f}.")
+
+    core.lease.until = float("-inf")  # no assignment applied and confirmed yet
+    assert core.ready() == (
+        False,
+        "group membership not confirmed yet: its partitions may have moved to another worker",
+    )
 
 
 async def test_wait_final_returns_when_the_final_step_commits(driver: Driver) -> None:
