@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import httptools
 import orjson
 import uvloop
 from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout, TCPConnector
@@ -33,7 +34,7 @@ from api.auth import KeyRing, tenant_of
 from api.links import LinkSigner
 from api.problems import Problem, unavailable
 from api.readframes import frame, read_frame
-from api.readhttp import ReadServer, Reply, Request, encode, encode_problem
+from api.readhttp import PeerPool, PeerRefused, ReadServer, Reply, Request, encode, encode_problem
 from streams.logs import configure_logging
 from streams.placement import partition_for
 from streams.settings import Settings, get_settings, local_url
@@ -147,6 +148,7 @@ class Reader:
         self.links: dict[str, tuple[int, bytes]] = {}
         self.worker = URL(local_url(settings.web_host, settings.web_port))
         self.http: ClientSession | None = None
+        self.peers = PeerPool()
 
     def viewable(self, request: Request) -> str | None:
         """The job id of a read this reader may answer from a view: `GET /jobs/{id}`, no
@@ -203,7 +205,7 @@ class Reader:
         if view is None:
             peer = self.peer_for(job_id, request)
             if peer is not None:
-                await self.forward(request, reply, peer)
+                await self.pass_to(peer, request, reply)
                 return
             view, outcome = await self.views.ask(job_id), "asked"
         if view is None or view[0] != tenant:
@@ -229,24 +231,43 @@ class Reader:
             return None
         return self.views.elsewhere.get(partition_for(job_id, self.views.partitions))
 
-    async def forward(self, request: Request, reply: Reply, peer: URL | None = None) -> None:
-        """Relay the request to the worker (or to `peer`, another worker's read port) and its
-        answer back, streamed as it comes. A peer that refuses the connection (its worker
-        stopped) is passed over for the worker, which forwards to the partition's owner."""
+    async def pass_to(self, peer: URL, request: Request, reply: Reply) -> None:
+        """Pass a read of a job another worker owns to that worker's read port, marked `Via`,
+        on a pooled connection (`PeerPool`), and its answer back. A peer that cannot be reached,
+        or that drops the connection before answering, is passed over for the worker, which
+        forwards to the partition's owner."""
+        assert peer.host is not None and peer.port is not None
+        headers = [(k, v) for k, v in request.headers if k not in _HOP]
+        headers.append(("via", ", ".join(v for v in (request.header("via"), VIA) if v)))
+        try:
+            answer = await self.peers.get(
+                peer.host, peer.port, request.target, headers, FORWARD_TIMEOUT_S
+            )
+        except (PeerRefused, ConnectionResetError, httptools.HttpParserError):
+            await self.forward(request, reply)
+            return
+        except TimeoutError:
+            raise unavailable("the owner's read port did not answer: TimeoutError") from None
+        self.views.counts["passed"] += 1
+        relayed = [(n, v) for n, v in answer.headers if n.lower() not in _NOT_RELAYED]
+        relayed.append(("Via", VIA))
+        reply.start(answer.status, answer.reason, relayed, len(answer.body))
+        await reply.write(answer.body)
+
+    async def forward(self, request: Request, reply: Reply) -> None:
+        """Relay the request to the worker and its answer back, streamed as it comes."""
         assert self.http is not None
         headers = [(k, v) for k, v in request.headers if k not in _HOP]
-        if peer is not None:
-            headers.append(("via", ", ".join(v for v in (request.header("via"), VIA) if v)))
         try:
             async with self.http.request(
                 request.method,
-                (peer or self.worker).join(URL(request.target, encoded=True)),
+                self.worker.join(URL(request.target, encoded=True)),
                 headers=headers,
                 data=request.body or None,
                 timeout=ClientTimeout(total=FORWARD_TIMEOUT_S),
                 allow_redirects=False,
             ) as answer:
-                self.views.counts["passed" if peer is not None else "relayed"] += 1
+                self.views.counts["relayed"] += 1
                 relayed = [
                     (name, value)
                     for name, value in answer.headers.items()
@@ -258,9 +279,6 @@ class Reader:
                     await reply.write(chunk)
                 reply.end()
         except ClientConnectorError:
-            if peer is not None:
-                await self.forward(request, reply)
-                return
             raise unavailable("the worker did not answer: ClientConnectorError") from None
         except (ClientError, TimeoutError) as exc:
             if reply.started:
@@ -310,6 +328,7 @@ class Reader:
             reporting.cancel()
             stopping.cancel()
             await server.stop()
+            self.peers.close()
             await self.http.close()
             if self.views.writer is not None:
                 self.views.writer.transport.abort()

@@ -224,17 +224,25 @@ async def read_with(url: str, headers: dict[str, str]) -> tuple[int, bytes, str 
 
 
 async def test_a_job_placed_on_another_worker_goes_to_its_read_port(rig: Rig) -> None:
-    """Once, marked `Via`; a read already marked goes to the worker; a read port that refuses
-    the connection (its worker stopped) is passed over for the worker."""
+    """Once, marked `Via`, on a kept-alive connection (one the peer closed while idle is
+    replaced); a read already marked goes to the worker; a read port that refuses the
+    connection (its worker stopped) is passed over for the worker."""
     seen: list[tuple[str, str | None]] = []
+    sockets: list[object] = []
 
-    async def peer_answer(request: web.Request) -> web.Response:
+    async def peer_answer(request: web.Request) -> web.StreamResponse:
         seen.append((request.path, request.headers.get("Via")))
-        return web.json_response({"from": "peer"})
+        sockets.append(request.transport.get_extra_info("peername") if request.transport else None)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)  # chunked: the reader answers with the whole length
+        for part in (b'{"from":', b'"peer"}'):
+            await response.write(part)
+        await response.write_eof()
+        return response
 
     peer = web.Application()
     peer.router.add_get("/{tail:.*}", peer_answer)
-    runner = web.AppRunner(peer)
+    runner = web.AppRunner(peer, keepalive_timeout=0.3)
     await runner.setup()
     peer_port, closed_port = free_port(), free_port()
     await web.TCPSite(runner, "127.0.0.1", peer_port).start()
@@ -251,6 +259,12 @@ async def test_a_job_placed_on_another_worker_goes_to_its_read_port(rig: Rig) ->
         assert (status, orjson.loads(body), via) == (200, {"from": "peer"}, VIA)
         assert seen == [(f"/jobs/{there}", VIA)]
         assert rig.hub.asked == [] and rig.forwarded == []
+        assert (await read(f"{rig.url}/jobs/{there}"))[0] == 200
+        assert sockets[1] == sockets[0]  # the same connection, kept alive
+        await asyncio.sleep(0.8)  # the peer closes it, idle
+        assert (await read(f"{rig.url}/jobs/{there}"))[:2] == (200, b'{"from":"peer"}')
+        assert sockets[2] != sockets[0] and len(seen) == 3
+        seen.clear()
 
         status, _, via = await read_with(f"{rig.url}/jobs/{there}", {"Via": "1.0 proxy, " + VIA})
         assert (status, via) == (404, VIA)  # the worker's answer, not the peer's
@@ -259,9 +273,9 @@ async def test_a_job_placed_on_another_worker_goes_to_its_read_port(rig: Rig) ->
         status, _, via = await read(f"{rig.url}/jobs/{gone}")
         assert (status, via) == (404, VIA)
         assert rig.forwarded == [f"/jobs/{there}", f"/jobs/{gone}"]
-        assert len(seen) == 1
+        assert seen == []  # neither went to the peer
         await asyncio.sleep(REPORT_S + 0.3)
-        assert rig.hub.counts == {"passed": 1, "relayed": 2}
+        assert rig.hub.counts == {"passed": 3, "relayed": 2}
     finally:
         await runner.cleanup()
 
