@@ -1,0 +1,106 @@
+"""`api.readhttp.PeerPool`: how a reader passes a read to another worker's read port.
+
+Against raw asyncio servers that answer, close or break on cue, so each rule is checked on its
+own: a connection is kept alive and reused, one the peer closed before answering is replaced
+(the read is a GET: sent again), a peer that cannot be reached or breaks an answer says so, and a
+chunked answer comes back whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from api.readhttp import PeerPool, PeerRefused
+from tests.support.workers import free_port
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Peer: yes\r\n\r\n"
+    b'5\r\n{"ok"\r\n6\r\n:true}\r\n0\r\n\r\n'
+)
+
+#: (connection number, request number on it) -> (the bytes to answer with, close after them).
+Script = Callable[[int, int], tuple[bytes, bool]]
+
+
+@asynccontextmanager
+async def peer(script: Script) -> AsyncIterator[tuple[int, list[str]]]:
+    """A peer read port that answers each request as `script` says; yields its port and the
+    request lines it read, as "<connection>:<request line>"."""
+    seen: list[str] = []
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number, requests = connections, 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                requests += 1
+                seen.append(f"{number}:{head.split(b' HTTP/')[0].decode()}")
+                answer, close = script(number, requests)
+                writer.write(answer)
+                await writer.drain()
+                if close:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    try:
+        yield port, seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connection_is_kept_alive_and_reused() -> None:
+    pool = PeerPool()
+    async with peer(lambda c, r: (OK, False)) as (port, seen):
+        for _ in range(3):
+            answer = await pool.get("127.0.0.1", port, "/jobs/a", [("via", "1.1 x")], 5)
+            assert (answer.status, answer.reason, answer.body) == (200, "OK", b'{"ok":true}')
+            assert ("Content-Type", "application/json") in answer.headers
+        assert seen == ["1:GET /jobs/a"] * 3
+    pool.close()
+
+
+async def test_a_connection_the_peer_closed_before_answering_is_replaced() -> None:
+    """The peer drops its kept-alive connection as the second request arrives (it timed out
+    idle just then): that read goes again, on a new connection, and is answered."""
+    pool = PeerPool()
+    async with peer(lambda c, r: (b"", True) if (c, r) == (1, 2) else (OK, False)) as (port, seen):
+        assert (await pool.get("127.0.0.1", port, "/jobs/a", [], 5)).status == 200
+        assert (await pool.get("127.0.0.1", port, "/jobs/b", [], 5)).status == 200
+        assert seen == ["1:GET /jobs/a", "1:GET /jobs/b", "2:GET /jobs/b"]
+    pool.close()
+
+
+async def test_a_peer_out_of_reach_or_breaking_its_answer_says_so() -> None:
+    pool = PeerPool()
+    with pytest.raises(PeerRefused):
+        await pool.get("127.0.0.1", free_port(), "/jobs/a", [], 5)
+    async with peer(lambda c, r: (OK[:40], True)) as (port, _):  # half an answer, then the close
+        with pytest.raises(ConnectionResetError):
+            await pool.get("127.0.0.1", port, "/jobs/a", [], 5)
+    async with peer(lambda c, r: (b"", False)) as (port, _):  # reads, never answers
+        with pytest.raises(TimeoutError):
+            await pool.get("127.0.0.1", port, "/jobs/a", [], 0.2)
+    assert all(not pooled for pooled in pool.idle.values())  # nothing broken is kept
+    pool.close()
+
+
+async def test_a_chunked_answer_comes_back_whole() -> None:
+    pool = PeerPool()
+    async with peer(lambda c, r: (CHUNKED, False)) as (port, _):
+        answer = await pool.get("127.0.0.1", port, "/jobs/a", [], 5)
+        assert answer.body == b'{"ok":true}'
+        assert answer.headers == [("X-Peer", "yes")]  # framing is the relay's to set
+    pool.close()
