@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 16
 #: How long a stopping server lets answers under way finish before it closes their connections.
 STOP_GRACE_S = 5.0
+#: A connection owed nothing that has sent nothing for this long is closed (aiohttp's keep-alive
+#: timeout, which the read port had before), checked every IDLE_SWEEP_S.
+IDLE_S = 75.0
+IDLE_SWEEP_S = 5.0
 
 Headers = Iterable[tuple[str, str]]
 
@@ -196,6 +200,8 @@ class Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.reading = True
         self.closed = False
+        #: When the client last sent anything (CLOCK_MONOTONIC).
+        self.active = time.monotonic()
         #: Stop reading and close once what is owed is answered (a refusal, or an upgrade).
         self.finishing = False
         self._writable: asyncio.Future[None] | None = None
@@ -251,6 +257,7 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        self.active = time.monotonic()
         if self.finishing:
             return
         try:
@@ -388,20 +395,34 @@ def _internal() -> Problem:
 class ReadServer:
     """Listens on the read port (`SO_REUSEPORT`: every reader of a worker binds it)."""
 
-    def __init__(self, handler: Handler, *, max_body: int) -> None:
+    def __init__(self, handler: Handler, *, max_body: int, idle_s: float = IDLE_S) -> None:
         self.handler = handler
         self.max_body = max_body
+        self.idle_s = idle_s
         self.connections: set[Connection] = set()
         self.server: asyncio.Server | None = None
+        self.sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: Connection(self), host, port, reuse_port=True
         )
+        self.sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close the connections owed nothing that have been quiet for `idle_s`."""
+        while True:
+            await asyncio.sleep(min(IDLE_SWEEP_S, self.idle_s))
+            quiet = time.monotonic() - self.idle_s
+            for connection in list(self.connections):
+                if connection.task is None and not connection.queue and connection.active < quiet:
+                    connection.close()
 
     async def stop(self) -> None:
         """Stop listening; let answers under way finish (up to `STOP_GRACE_S`); close the rest."""
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.server is not None:
             self.server.close()
         for connection in list(self.connections):

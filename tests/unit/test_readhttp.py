@@ -1,9 +1,11 @@
-"""`api.readhttp.PeerPool`: how a reader passes a read to another worker's read port.
+"""`api.readhttp` on its own (the reader's use of it is tested in test_reader.py).
 
-Against raw asyncio servers that answer, close or break on cue, so each rule is checked on its
-own: a connection is kept alive and reused, one the peer closed before answering is replaced
-(the read is a GET: sent again), a peer that cannot be reached or breaks an answer says so, and a
-chunked answer comes back whole.
+`PeerPool`, how a reader passes a read to another worker's read port, against raw asyncio
+servers that answer, close or break on cue, so each rule is checked on its own: a connection is
+kept alive and reused, one the peer closed before answering is replaced (the read is a GET: sent
+again), a peer that cannot be reached or breaks an answer says so, and a chunked answer comes
+back whole. `ReadServer`: a connection quiet past the idle timeout is closed, one owed an
+answer is not.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from api.readhttp import PeerPool, PeerRefused
+from api.readhttp import PeerPool, PeerRefused, ReadServer, Reply, Request, encode
 from tests.support.workers import free_port
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
@@ -104,3 +106,40 @@ async def test_a_chunked_answer_comes_back_whole() -> None:
         assert answer.body == b'{"ok":true}'
         assert answer.headers == [("X-Peer", "yes")]  # framing is the relay's to set
     pool.close()
+
+
+class Slow:
+    """Answers `/now` at once and `/slow` once `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    def answer_now(self, request: Request) -> bytes | None:
+        return encode(request, 200, [], b"now") if request.path == "/now" else None
+
+    async def answer(self, request: Request, reply: Reply) -> None:
+        await self.release.wait()
+        reply.send(200, [], b"slow")
+
+
+async def test_a_quiet_connection_is_closed_and_one_owed_an_answer_is_not() -> None:
+    handler = Slow()
+    server = ReadServer(handler, max_body=1000, idle_s=0.3)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        quiet = await asyncio.open_connection("127.0.0.1", port)
+        waiting = await asyncio.open_connection("127.0.0.1", port)
+        busy = await asyncio.open_connection("127.0.0.1", port)
+        waiting[1].write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(8):  # a request every 0.15 s keeps a connection open
+            busy[1].write(b"GET /now HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await busy[0].readuntil(b"now")).startswith(b"HTTP/1.1 200 OK\r\n")
+            await asyncio.sleep(0.15)
+        assert await asyncio.wait_for(quiet[0].read(), 1) == b""  # closed by the server
+        handler.release.set()  # owed an answer for 1.2 s: still open, and answered
+        assert (await waiting[0].readuntil(b"slow")).startswith(b"HTTP/1.1 200 OK\r\n")
+        for _, writer in (quiet, waiting, busy):
+            writer.close()
+    finally:
+        await server.stop()
