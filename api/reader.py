@@ -22,12 +22,13 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import httptools
 import orjson
 import uvloop
-from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout, TCPConnector
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 from yarl import URL
 
 from api.auth import KeyRing, tenant_of
@@ -237,7 +238,7 @@ class Reader:
         or that drops the connection before answering, is passed over for the worker, which
         forwards to the partition's owner."""
         assert peer.host is not None and peer.port is not None
-        headers = [(k, v) for k, v in request.headers if k not in _HOP]
+        headers = _outbound(request)
         headers.append(("via", ", ".join(v for v in (request.header("via"), VIA) if v)))
         try:
             answer = await self.peers.get(
@@ -249,37 +250,27 @@ class Reader:
         except TimeoutError:
             raise unavailable("the owner's read port did not answer: TimeoutError") from None
         self.views.counts["passed"] += 1
-        relayed = [(n, v) for n, v in answer.headers if n.lower() not in _NOT_RELAYED]
-        relayed.append(("Via", VIA))
-        reply.start(answer.status, answer.reason, relayed, len(answer.body))
+        reply.start(answer.status, answer.reason, _relayed(answer.headers), len(answer.body))
         await reply.write(answer.body)
 
     async def forward(self, request: Request, reply: Reply) -> None:
         """Relay the request to the worker and its answer back, streamed as it comes."""
         assert self.http is not None
-        headers = [(k, v) for k, v in request.headers if k not in _HOP]
         try:
             async with self.http.request(
                 request.method,
                 self.worker.join(URL(request.target, encoded=True)),
-                headers=headers,
+                headers=_outbound(request),
                 data=request.body or None,
                 timeout=ClientTimeout(total=FORWARD_TIMEOUT_S),
                 allow_redirects=False,
             ) as answer:
                 self.views.counts["relayed"] += 1
-                relayed = [
-                    (name, value)
-                    for name, value in answer.headers.items()
-                    if name.lower() not in _NOT_RELAYED
-                ]
-                relayed.append(("Via", VIA))
+                relayed = _relayed(answer.headers.items())
                 reply.start(answer.status, answer.reason, relayed, answer.content_length)
                 async for chunk in answer.content.iter_any():
                     await reply.write(chunk)
                 reply.end()
-        except ClientConnectorError:
-            raise unavailable("the worker did not answer: ClientConnectorError") from None
         except (ClientError, TimeoutError) as exc:
             if reply.started:
                 raise
@@ -332,6 +323,19 @@ class Reader:
             await self.http.close()
             if self.views.writer is not None:
                 self.views.writer.transport.abort()
+
+
+def _outbound(request: Request) -> list[tuple[str, str]]:
+    """The request's headers as a reader sends them on: hop-by-hop ones left out."""
+    return [(name, value) for name, value in request.headers if name not in _HOP]
+
+
+def _relayed(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """An answer's headers as a reader relays them: hop-by-hop ones, `Date` and `Server` left
+    out (its own are sent), marked `Via`."""
+    kept = [(name, value) for name, value in headers if name.lower() not in _NOT_RELAYED]
+    kept.append(("Via", VIA))
+    return kept
 
 
 def main() -> None:

@@ -114,13 +114,18 @@ def _head(
     )
 
 
+def _no_content(status: int) -> bool:
+    """A status whose answers have no body and no length (1xx, 204, 304)."""
+    return status in (204, 304) or status < 200
+
+
 def _bodiless(request: Request, status: int) -> bool:
-    return request.method == "HEAD" or status in (204, 304) or status < 200
+    return request.method == "HEAD" or _no_content(status)
 
 
 def encode(request: Request, status: int, headers: Headers, body: bytes) -> bytes:
     """A whole answer to `request`: status line, `Date`, `Content-Length`, `headers`, body."""
-    framing = "" if status in (204, 304) or status < 200 else f"Content-Length: {len(body)}"
+    framing = "" if _no_content(status) else f"Content-Length: {len(body)}"
     head = _head(request, status, None, headers, framing)
     return head if _bodiless(request, status) else head + body
 
@@ -161,7 +166,7 @@ class Reply:
         chunked when None)."""
         self.started = True
         self._head_only = _bodiless(self.request, status)
-        if status in (204, 304) or status < 200:
+        if _no_content(status):
             framing = ""
         elif length is not None:
             framing = f"Content-Length: {length}"

@@ -43,7 +43,7 @@ from streams.pacing import FetchPacer
 from streams.partition import Partition, ViewCache
 from streams.placement import partition_for
 from streams.runtime import Runtime, report_providers
-from streams.settings import Settings
+from streams.settings import MAX_GATHER_MS, Settings
 from streams.topology import MissingDispatchTopics
 from streams.tracing import from_headers, span, to_headers, trace_id
 from streams.txn import Record, Transaction
@@ -64,8 +64,6 @@ from tables.store import open_store
 
 log = logging.getLogger(__name__)
 
-#: Longest gather window `CP_FETCH_GATHER_PER_WORKER` sets (as `CP_FETCH_GATHER_MS` allows).
-MAX_GATHER_MS = 1000
 #: How long an attempt timeout waits for answers already on cp.results but not read yet.
 RESULTS_GATE_RECHECK = timedelta(milliseconds=200)
 RESULTS_GATE_MAX = timedelta(seconds=10)

@@ -10,6 +10,9 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
+#: Longest fetch gather window: `CP_FETCH_GATHER_MS`, and what `CP_FETCH_GATHER_PER_WORKER` sets.
+MAX_GATHER_MS = 1000
+
 
 class Settings(BaseSettings):
     """Every knob of a worker; each has an env var, a default and a line in the README."""
@@ -48,7 +51,7 @@ class Settings(BaseSettings):
     #: much more, and in return a step's fixed costs (fetch, wake-up, transaction) are shared;
     #: a quiet consumer keeps answering at once (`streams.pacing`). At 150 jobs/s, 40 ms cut
     #: the CPU per job by ~40% at the same latency (bench/results.md, "the gather A/B").
-    fetch_gather_ms: int = Field(default=40, ge=0, le=1000)
+    fetch_gather_ms: int = Field(default=40, ge=0, le=MAX_GATHER_MS)
     #: The job core gathers for `fetch_gather_ms` times the control-plane workers in its group (at
     #: most 1,000 ms), set again at every assignment: the cluster then makes as many fetch
     #: cycles and transactions per second as one worker, and CPU per job stays flat as workers

@@ -41,6 +41,7 @@ from domain.messages import (
 from streams.core import MAX_RECORD_BYTES, RESULTS_GATE_MAX, RESULTS_GATE_RECHECK, CoreNotReady
 from streams.pacing import FetchPacer
 from streams.partition import Partition
+from streams.settings import MAX_GATHER_MS
 from streams.topology import MissingDispatchTopics
 from streams.tracing import trace_id, valid_traceparent
 from streams.txn import Record
@@ -1452,7 +1453,7 @@ async def test_with_gathering_per_worker_the_window_follows_the_group(driver: Dr
     assert core.pacer.gather_ms == base * 3
     core.assignor.owners = {n: f"http://w{n}" for n in range(40)}
     core._pace_to_group()
-    assert core.pacer.gather_ms == streams.core.MAX_GATHER_MS
+    assert core.pacer.gather_ms == MAX_GATHER_MS
     core.assignor.owners = {}
     core._pace_to_group()
     assert core.pacer.gather_ms == base  # no assignment yet: one worker
