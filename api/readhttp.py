@@ -238,7 +238,10 @@ class Connection(asyncio.Protocol):
         self._writable = None
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        """Send `data`, unless the connection is closing: nothing follows an answer that
+        closes it (a request pipelined behind `Connection: close` is a parse error to llhttp,
+        whose 400 must not go out after it either)."""
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     async def drain(self) -> None:

@@ -115,6 +115,8 @@ class Slow:
         self.release = asyncio.Event()
 
     def answer_now(self, request: Request) -> bytes | None:
+        if request.path == "/big":  # more than a socket buffer holds: the close waits for it
+            return encode(request, 200, [], b"b" * 8_000_000 + b"now")
         return encode(request, 200, [], b"now") if request.path == "/now" else None
 
     async def answer(self, request: Request, reply: Reply) -> None:
@@ -141,5 +143,27 @@ async def test_a_quiet_connection_is_closed_and_one_owed_an_answer_is_not() -> N
         assert (await waiting[0].readuntil(b"slow")).startswith(b"HTTP/1.1 200 OK\r\n")
         for _, writer in (quiet, waiting, busy):
             writer.close()
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("path", ["/now", "/big"])
+async def test_nothing_is_answered_after_a_request_that_closes_the_connection(path: str) -> None:
+    """Requests pipelined behind `Connection: close` get no answer, nor the 400 llhttp's parse
+    error of them would make: the connection ends with the answer that closes it, also while
+    that answer is still being sent (`/big`)."""
+    server = ReadServer(Slow(), max_body=1000)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            + b"GET /now HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        await asyncio.sleep(0.2)  # the server has read both before the client reads
+        received = await asyncio.wait_for(reader.read(), 10)
+        assert received.count(b"HTTP/1.1 ") == 1 and received.endswith(b"now")
+        writer.close()
     finally:
         await server.stop()
