@@ -9,6 +9,13 @@ shows whether a worker adds work of its own, and the projection `cores / (CPU-s 
 everything)` says what k cores would do. The job core's transactions per job (its /metrics) say
 how finely the work was committed (a partition commits when a poll brings it nothing new).
 
+Per worker (`--per-worker`): 1, 2 and 4 control-plane workers, each row an open loop at
+`--per-worker` jobs/s for every control-plane worker (37.5: the rows take 37.5, 75 and 150
+jobs/s) for `--per-worker-s` seconds (30). This is what adding a worker with its share of
+traffic costs, which is how a deployment grows: the CPU-s per job must stay flat along these
+rows. At one fixed rate (`--steady`) it cannot: every worker pays a fixed share of fetches and
+event-loop wake-ups each second, which fewer jobs carry the more workers share the rate.
+
 Rebalance: two control-plane workers take an open loop at `--rate` jobs/s; a third joins after
 `--join-at` s and the first leaves (SIGTERM, graceful) after `--leave-at` s. Reported per event:
 the longest gap between two final responses in the 15 s after it (against the steady gap before
@@ -275,6 +282,27 @@ def rebalance(bootstrap: str, tmp: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
+#: Control-plane workers of the per-worker rows.
+PER_WORKER_ROWS = (1, 2, 4)
+TABLE_HEADER = (
+    "| cp workers | provider workers | finished | jobs/s | cp CPU ms/job (each) | "
+    "provider workers ms/job (each) | broker ms/job | all ms/job | projected jobs/s per "
+    "core | transactions per job | duplicate finals | latency p50 / p99 ms |"
+)
+TABLE_RULE = "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def requests_lines(rows: list[Scale]) -> list[str]:
+    """The broker's requests per job of each row that counted them, and a blank line."""
+    lines = [
+        f"- broker requests per job, {row.workers}x{row.provider_workers}: "
+        + broker_requests.summary(row.broker_requests)
+        for row in rows
+        if row.broker_requests is not None
+    ]
+    return [*lines, ""] if lines else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -291,6 +319,16 @@ def main() -> None:
         default=0.0,
         help="scale rows as an open loop of --jobs at this many jobs/s instead of a burst: the "
         "CPU per job at a moderate rate, with latency",
+    )
+    parser.add_argument(
+        "--per-worker",
+        type=float,
+        default=37.5,
+        help="per-worker rows: an open loop at this many jobs/s per control-plane worker, for "
+        "1, 2 and 4 workers (37.5); 0: none",
+    )
+    parser.add_argument(
+        "--per-worker-s", type=float, default=30.0, help="seconds of each per-worker row (30)"
     )
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop jobs/s (100)")
     parser.add_argument("--join-at", type=float, default=10.0)
@@ -318,6 +356,21 @@ def main() -> None:
                 )
             )
             print("  " + rows[-1].row(), flush=True)
+        per_worker: list[Scale] = []
+        for workers in PER_WORKER_ROWS if args.per_worker > 0 else ():
+            rate = args.per_worker * workers
+            print(f"per worker: {workers} control-plane at {rate:g} jobs/s", flush=True)
+            per_worker.append(
+                scale(
+                    bootstrap,
+                    Path(tmp),
+                    workers,
+                    1,
+                    max(1, round(rate * args.per_worker_s)),
+                    steady=rate,
+                )
+            )
+            print("  " + per_worker[-1].row(), flush=True)
         churn: list[str] = []
         if not args.no_churn:
             print("rebalance: join and leave under load", flush=True)
@@ -337,19 +390,25 @@ def main() -> None:
         f"Worker settings: {EXTRA_ENV or 'defaults'}. "
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
-        "| cp workers | provider workers | finished | jobs/s | cp CPU ms/job (each) | "
-        "provider workers ms/job (each) | broker ms/job | all ms/job | projected jobs/s per "
-        "core | transactions per job | duplicate finals | latency p50 / p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        TABLE_HEADER,
+        TABLE_RULE,
         *(row.row() for row in rows),
         "",
+        *requests_lines(rows),
         *(
-            f"- broker requests per job, {row.workers}x{row.provider_workers}: "
-            + broker_requests.summary(row.broker_requests)
-            for row in rows
-            if row.broker_requests is not None
+            [
+                f"Per worker: an open loop at {args.per_worker:g} jobs/s per control-plane worker "
+                f"for {args.per_worker_s:g} s, one provider worker (`--per-worker`).",
+                "",
+                TABLE_HEADER,
+                TABLE_RULE,
+                *(row.row() for row in per_worker),
+                "",
+                *requests_lines(per_worker),
+            ]
+            if per_worker
+            else []
         ),
-        "",
         *churn,
         "",
     ]
