@@ -65,10 +65,15 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The first value of header `name` (lower-case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return _first(self.headers, name)
+
+
+def _first(headers: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of header `name` in lower-cased `headers`, or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 class Handler(Protocol):
@@ -305,11 +310,11 @@ class Connection(asyncio.Protocol):
         )
 
     def on_headers_complete(self) -> None:
-        length = next((v for k, v in self._headers if k == "content-length"), None)
+        length = _first(self._headers, "content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             self._too_large = True
             raise ValueError("body over the limit")  # stops the parser: 413, then close
-        expect = next((v for k, v in self._headers if k == "expect"), "")
+        expect = _first(self._headers, "expect") or ""
         if expect.lower() == "100-continue" and not self.queue and self.task is None:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
