@@ -292,15 +292,22 @@ TABLE_HEADER = (
 TABLE_RULE = "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
 
-def requests_lines(rows: list[Scale]) -> list[str]:
-    """The broker's requests per job of each row that counted them, and a blank line."""
-    lines = [
+def table(rows: list[Scale]) -> list[str]:
+    """The rows as a markdown table, then the broker's requests per job of each row that
+    counted them, each part followed by a blank line."""
+    requests = [
         f"- broker requests per job, {row.workers}x{row.provider_workers}: "
         + broker_requests.summary(row.broker_requests)
         for row in rows
         if row.broker_requests is not None
     ]
-    return [*lines, ""] if lines else []
+    return [
+        TABLE_HEADER,
+        TABLE_RULE,
+        *(row.row() for row in rows),
+        "",
+        *([*requests, ""] if requests else []),
+    ]
 
 
 def main() -> None:
@@ -390,21 +397,13 @@ def main() -> None:
         f"Worker settings: {EXTRA_ENV or 'defaults'}. "
         f"Run took {time.monotonic() - began:.0f} s.",
         "",
-        TABLE_HEADER,
-        TABLE_RULE,
-        *(row.row() for row in rows),
-        "",
-        *requests_lines(rows),
+        *table(rows),
         *(
             [
                 f"Per worker: an open loop at {args.per_worker:g} jobs/s per control-plane worker "
                 f"for {args.per_worker_s:g} s, one provider worker (`--per-worker`).",
                 "",
-                TABLE_HEADER,
-                TABLE_RULE,
-                *(row.row() for row in per_worker),
-                "",
-                *requests_lines(per_worker),
+                *table(per_worker),
             ]
             if per_worker
             else []
